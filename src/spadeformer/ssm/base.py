@@ -1,0 +1,143 @@
+"""The protocol every global information extractor (S4, S4D, S5, Hyena, LSTM) follows.
+
+    forward(x, padding_mask=None) -> y        x, y: (batch, length, d_model)
+    initial_state(batch_size) -> state        state: a tensor or tuple of tensors
+    step(x_t, state) -> (y_t, state)          x_t, y_t: (batch, d_model), causal models only
+    bidirectional: bool                       sees the future too (no step())
+    trainable: bool                           False = every parameter frozen at initialisation
+
+``padding_mask`` is (batch, length) bool, True at padded positions: padded positions neither
+contribute to nor receive output (their output is zero). The computation runs in float32 even
+under autocast (SSM kernels lose accuracy in half precision); the output is cast back to the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GlobalExtractor",
+    "check_padding_mask",
+    "check_positive",
+    "check_sequence",
+    "fp32_region",
+]
+
+
+def check_positive(name: str, value: Any, *, allow_float: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a positive int (or number, with allow_float)."""
+    kinds = (int, float) if allow_float else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        kind = "number" if allow_float else "integer"
+        raise ValueError(f"{name} must be a positive {kind}, got {value!r}")
+
+
+def check_sequence(x: Any, d_model: int, name: str = "x") -> None:
+    """x must be a floating tensor of shape (batch, length >= 1, d_model)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape (batch, length, d_model={d_model}), got shape {tuple(x.shape)}"
+        )
+    if x.shape[-1] != d_model:
+        raise ValueError(f"{name} must have last dimension d_model={d_model}, got {x.shape[-1]}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have length >= 1, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_padding_mask(padding_mask: Any, batch: int, length: int) -> None:
+    """padding_mask must be None or a bool tensor of shape (batch, length)."""
+    if padding_mask is None:
+        return
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+        got = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask)
+        raise TypeError(f"padding_mask must be a bool tensor (True = padded), got {got}")
+    if tuple(padding_mask.shape) != (batch, length):
+        raise ValueError(
+            f"padding_mask must have shape (batch, length) = ({batch}, {length}), "
+            f"got {tuple(padding_mask.shape)}"
+        )
+
+
+def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
+    """Disable autocast so the SSM runs in float32 whatever the caller's autocast says."""
+    if device_type in ("cuda", "cpu", "xpu", "mps"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class GlobalExtractor(nn.Module):
+    """Base class: argument checks, fp32 region, padding, freezing and the step() guard.
+
+    Subclasses implement ``_forward(x, padding_mask)`` on float32 input (padded positions
+    already zeroed) and, when causal, ``initial_state`` and ``_step``.
+    """
+
+    def __init__(self, d_model: int, *, bidirectional: bool = False, trainable: bool = True):
+        super().__init__()
+        check_positive("d_model", d_model)
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {bidirectional!r}")
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable must be a bool, got {trainable!r}")
+        self.d_model = d_model
+        self.bidirectional = bidirectional
+        self.trainable = trainable
+
+    def freeze_if_requested(self) -> None:
+        """Call at the end of a subclass __init__: trainable=False freezes every parameter."""
+        if not self.trainable:
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (batch, length, d_model) -> (batch, length, d_model)."""
+        check_sequence(x, self.d_model)
+        check_padding_mask(padding_mask, x.shape[0], x.shape[1])
+        with fp32_region(x.device.type):
+            u = x.float()
+            if padding_mask is not None:
+                u = u.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+            y = self._forward(u, padding_mask)
+            if padding_mask is not None:
+                y = y.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return y.to(x.dtype)
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """One causal decoding step. x_t: (batch, d_model) -> y_t: (batch, d_model), new state."""
+        if self.bidirectional:
+            raise RuntimeError(
+                f"step() needs a causal model, but this {type(self).__name__} has "
+                "bidirectional=True (it looks at future tokens); build it with bidirectional=False"
+            )
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
+            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
+        if not x_t.is_floating_point():
+            raise TypeError(f"x_t must be a floating-point tensor, got dtype {x_t.dtype}")
+        with fp32_region(x_t.device.type):
+            y_t, state = self._step(x_t.float(), state)
+        return y_t.to(x_t.dtype), state
+
+    def initial_state(self, batch_size: int) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward(self, u: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, bidirectional={self.bidirectional}, "
+            f"trainable={self.trainable}"
+        )
