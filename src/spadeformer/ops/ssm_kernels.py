@@ -35,7 +35,7 @@ def hippo_legs_normal(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     Returns A_normal (N, N), P (N,), B (N,).
     """
     _check_state_size(N)
-    n = torch.arange(N, dtype=torch.float64)
+    n = torch.arange(N, dtype=torch.float64, device="cpu")  # CPU even under a meta context
     P = torch.sqrt(n + 0.5)
     B = torch.sqrt(2 * n + 1)
     outer = torch.outer(P, P)
@@ -58,7 +58,7 @@ def hippo_legs_nplr(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     if N % 2:
         raise ValueError(f"N (the state size) must be even for the conjugate-pair form, got {N}")
     A_normal, P, B = hippo_legs_normal(N)
-    S = A_normal + 0.5 * torch.eye(N, dtype=torch.float64)
+    S = A_normal + 0.5 * torch.eye(N, dtype=torch.float64, device="cpu")
     # S is real skew-symmetric, so -i S is Hermitian: S = V diag(i w) V^H.
     w, V = torch.linalg.eigh(S.to(torch.complex128) * -1j)
     keep = w > 0

@@ -1,1 +1,45 @@
-"""Global information extractors: S4, S4D, S5, Hyena and an LSTM, one file each."""
+"""Global information extractors: S4, S4D, S5, Hyena and an LSTM, one file each.
+
+All follow the protocol of :class:`spadeformer.ssm.base.GlobalExtractor`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from spadeformer.ssm.base import GlobalExtractor
+
+__all__ = ["GlobalExtractor", "build_ssm", "S4", "S4D", "S5", "Hyena", "LSTMGlobal"]
+
+# kind -> (module, class). Imported lazily so one broken optional piece never blocks the rest.
+_REGISTRY = {
+    "s4": ("spadeformer.ssm.s4", "S4"),
+    "s4d": ("spadeformer.ssm.s4d", "S4D"),
+    "s5": ("spadeformer.ssm.s5", "S5"),
+    "hyena": ("spadeformer.ssm.hyena", "Hyena"),
+    "lstm": ("spadeformer.ssm.lstm", "LSTMGlobal"),
+}
+
+
+def ssm_class(kind: str) -> type[GlobalExtractor]:
+    if kind not in _REGISTRY:
+        raise ValueError(f"ssm must be one of {sorted(_REGISTRY)}, got {kind!r}")
+    module, name = _REGISTRY[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_ssm(kind: str, d_model: int, *, bidirectional: bool, **options: Any) -> GlobalExtractor:
+    """Instantiate the SSM ``kind`` ("s4", "s4d", "s5", "hyena", "lstm")."""
+    cls = ssm_class(kind)
+    try:
+        return cls(d_model, bidirectional=bidirectional, **options)
+    except TypeError as err:  # unknown option: say which SSM and what it takes
+        raise ValueError(f"bad ssm_options for ssm={kind!r}: {err}") from err
+
+
+def __getattr__(name: str) -> Any:
+    for kind, (_, cls_name) in _REGISTRY.items():
+        if cls_name == name:
+            return ssm_class(kind)
+    raise AttributeError(f"module 'spadeformer.ssm' has no attribute {name!r}")

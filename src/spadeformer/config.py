@@ -1,0 +1,255 @@
+"""SpadeConfig: the one typed description of a model, validated, JSON round-trip, presets.
+
+A preset is a *system* (which layers, which SSM, which attention — the rows of the paper's
+Tables 1 and 2) combined with a *size* (width, depth, heads): ``SpadeConfig.from_preset(
+"spade-s4-window", size="lra", vocab_size=20)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SpadeConfig", "SYSTEMS", "SIZES", "SSM_KINDS", "ATTENTION_PATTERNS"]
+
+SSM_KINDS = ("s4", "s4d", "s5", "hyena", "lstm")
+ATTENTION_PATTERNS = ("full", "window", "chunk", "none")
+POSITIONS = ("none", "sinusoidal", "learned", "t5", "shaw")
+NORMS = ("pre", "post")
+COMBINES = ("concat", "add", "stack")
+POOLINGS = ("mean", "first", "last")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+@dataclass
+class SpadeConfig:
+    """Model hyper-parameters. Every field is validated in ``__post_init__``.
+
+    Layer roles: layers listed in ``global_layers`` are GlobalLayers (SSM beside the local
+    attention, paper Sec. 3); the others are LocalLayers. ``attention="none"`` with every layer
+    global gives a pure SSM stack (the S4 / S5 / Hyena baselines); ``global_layers=[]`` gives a
+    plain Transformer.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int | None = None  # None = 4 * d_model
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    global_layers: list[int] = field(default_factory=lambda: [0])
+    ssm: str = "s4"
+    ssm_options: dict[str, Any] = field(default_factory=dict)
+    combine: str = "concat"  # how the global layer mixes SSM and attention (paper: concat)
+    add_weight: float = 0.5  # combine="add": y = w * global + (1 - w) * local
+    attention: str = "window"
+    window_size: int | None = 128
+    chunk_size: int | None = None
+    position: str = "none"  # SPADE needs none: the SSM carries position (paper Sec. 3)
+    max_position: int = 4096  # only for position="learned"
+    norm: str = "pre"
+    causal: bool = True
+    tie_embeddings: bool = True
+    num_labels: int = 2  # classification / retrieval heads
+    pooling: str = "mean"
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_position",
+                     "num_labels"):
+            _positive_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        _probability("dropout", self.dropout)
+        _probability("attention_dropout", self.attention_dropout)
+        _choice("ssm", self.ssm, SSM_KINDS)
+        _choice("attention", self.attention, ATTENTION_PATTERNS)
+        _choice("position", self.position, POSITIONS)
+        _choice("norm", self.norm, NORMS)
+        _choice("combine", self.combine, COMBINES)
+        _choice("pooling", self.pooling, POOLINGS)
+        if not isinstance(self.ssm_options, dict):
+            raise ValueError(f"ssm_options must be a dict, got {self.ssm_options!r}")
+        if not 0.0 <= float(self.add_weight) <= 1.0:
+            raise ValueError(f"add_weight must be in [0, 1], got {self.add_weight!r}")
+        if not isinstance(self.global_layers, (list, tuple)):
+            raise ValueError(f"global_layers must be a list of layer indices, got "
+                             f"{self.global_layers!r}")
+        self.global_layers = sorted({int(i) for i in self.global_layers})
+        bad = [i for i in self.global_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(
+                f"global_layers must hold indices in [0, n_layers={self.n_layers}), got {bad}"
+            )
+        if self.attention == "none" and len(self.global_layers) != self.n_layers:
+            raise ValueError(
+                "attention='none' (a pure SSM stack) needs every layer global: "
+                f"global_layers={list(range(self.n_layers))}, got {self.global_layers}"
+            )
+        if self.attention == "window":
+            if self.window_size is None:
+                raise ValueError("attention='window' needs window_size (a positive integer)")
+            _positive_int("window_size", self.window_size)
+        if self.attention == "chunk":
+            if self.chunk_size is None:
+                raise ValueError("attention='chunk' needs chunk_size (a positive integer)")
+            _positive_int("chunk_size", self.chunk_size)
+        if self.position in ("t5", "shaw") and self.attention == "none":
+            raise ValueError(f"position={self.position!r} is an attention bias; it needs "
+                             "attention in ['full', 'window', 'chunk']")
+        if self.position == "shaw" and self.attention != "full":
+            raise ValueError("position='shaw' (the Transformer-relative baseline) needs "
+                             f"attention='full', got attention={self.attention!r}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id}")
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def layer_kinds(self) -> list[str]:
+        """"global" or "local" for each layer, bottom first."""
+        return ["global" if i in self.global_layers else "local" for i in range(self.n_layers)]
+
+    # ------------------------------------------------------------ round trip
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpadeConfig:
+        """Build from a dict; unknown keys are an error naming the closest valid key."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown SpadeConfig key {key!r}{hint} Valid keys: {names}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SpadeConfig:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SpadeConfig:
+        return cls.from_json(Path(path).read_text())
+
+    # --------------------------------------------------------------- presets
+    @classmethod
+    def from_preset(cls, system: str, size: str = "tiny", **overrides: Any) -> SpadeConfig:
+        """A system of the paper's Tables 1/2 at a given size, with field overrides."""
+        if system not in SYSTEMS:
+            raise ValueError(f"unknown system {system!r}; choose from {sorted(SYSTEMS)}")
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+        data = dict(SIZES[size])
+        ssm_defaults = data.pop("ssm_defaults", {})
+        data.update(SYSTEMS[system](data))
+        # Size-level SSM defaults (state size, frozen) apply only to SSMs that take them;
+        # explicit ssm_options overrides are merged on top and passed through unfiltered.
+        accepted = _SSM_SIZE_OPTIONS[data.get("ssm", "s4")]
+        options = {k: v for k, v in ssm_defaults.items() if k in accepted}
+        options.update(overrides.pop("ssm_options", None) or {})
+        data["ssm_options"] = options
+        data.update(overrides)
+        return cls.from_dict(data)
+
+
+# Sizes: shape only. The system decides attention / SSM / which layers are global.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, dropout=0.0,
+                 window_size=16, chunk_size=16, ssm_defaults={"d_state": 16}),
+    # LRA models stay under 2M parameters (paper Sec. 4.1, Table 10: chunk 128).
+    "lra": dict(vocab_size=256, d_model=128, n_layers=6, n_heads=4, d_ff=256, dropout=0.1,
+                window_size=128, chunk_size=128, ssm_defaults={"d_state": 64}),
+    # WikiText-103 (paper Sec. 4.2): 16 layers of the Baevski & Auli model, window 512, frozen S4.
+    "wikitext103": dict(vocab_size=267_744, d_model=1024, n_layers=16, n_heads=8, d_ff=4096,
+                        dropout=0.3, window_size=512, chunk_size=512,
+                        ssm_defaults={"d_state": 64, "trainable": False}),
+    # T5-base width (paper Sec. 5.1): post-LN, T5 relative buckets, window 128, frozen S4.
+    "t5-base": dict(vocab_size=32_128, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+                    dropout=0.1, window_size=128, chunk_size=128, norm="post",
+                    ssm_defaults={"d_state": 64, "trainable": False}),
+}
+
+
+# Which size-level SSM defaults apply to each SSM kind (the paper freezes S4 only).
+_SSM_SIZE_OPTIONS = {
+    "s4": {"d_state", "trainable"},
+    "s4d": {"d_state"},
+    "s5": {"d_state"},
+    "hyena": set(),
+    "lstm": set(),
+}
+
+
+def _all_layers(size: dict[str, Any]) -> list[int]:
+    return list(range(size["n_layers"]))
+
+
+def _spade(ssm: str, attention: str):
+    def build(size: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = dict(ssm=ssm, attention=attention, global_layers=[0])
+        if size.get("norm") == "post":  # the encoder-decoder setting uses T5 buckets
+            out["position"] = "t5"
+        return out
+    return build
+
+
+def _transformer(attention: str, position: str = "sinusoidal"):
+    return lambda size: dict(attention=attention, global_layers=[], position=position)
+
+
+def _ssm_stack(ssm: str):
+    return lambda size: dict(ssm=ssm, attention="none", global_layers=_all_layers(size),
+                             position="none")
+
+
+SYSTEMS = {
+    "transformer-full": _transformer("full"),
+    "transformer-relative": _transformer("full", "shaw"),
+    "transformer-window": _transformer("window"),
+    "transformer-chunk": _transformer("chunk"),
+    "s4": _ssm_stack("s4"),
+    "s5": _ssm_stack("s5"),
+    "hyena": _ssm_stack("hyena"),
+    "spade-s4-window": _spade("s4", "window"),
+    "spade-s4-chunk": _spade("s4", "chunk"),
+    "spade-s5-window": _spade("s5", "window"),
+    "spade-hyena-window": _spade("hyena", "window"),
+    "spade-lstm-window": _spade("lstm", "window"),
+}
+

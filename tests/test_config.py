@@ -1,0 +1,72 @@
+import pytest
+
+from spadeformer.config import SIZES, SYSTEMS, SpadeConfig
+
+
+def test_json_round_trip(tmp_path):
+    cfg = SpadeConfig.from_preset("spade-s4-chunk", size="lra", vocab_size=20, num_labels=10)
+    path = tmp_path / "c.json"
+    cfg.save(path)
+    assert SpadeConfig.load(path) == cfg
+    assert SpadeConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ValueError, match="did you mean 'window_size'"):
+        SpadeConfig.from_dict({"windw_size": 3})
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("d_model", 0, "d_model must be a positive integer"),
+        ("n_heads", 3, "divisible by n_heads"),
+        ("dropout", 1.5, "dropout must be a number in"),
+        ("ssm", "mamba", "ssm must be one of"),
+        ("attention", "sparse", "attention must be one of"),
+        ("position", "rope", "position must be one of"),
+        ("norm", "sandwich", "norm must be one of"),
+        ("combine", "mul", "combine must be one of"),
+        ("global_layers", [7], "global_layers must hold indices"),
+        ("window_size", 0, "window_size must be a positive integer"),
+        ("pad_token_id", 999, "pad_token_id must be in"),
+    ],
+)
+def test_bad_fields_raise_naming_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SpadeConfig(**{field: value})
+
+
+def test_pattern_needs_its_size():
+    with pytest.raises(ValueError, match="needs chunk_size"):
+        SpadeConfig(attention="chunk", chunk_size=None)
+    with pytest.raises(ValueError, match="needs every layer global"):
+        SpadeConfig(attention="none", n_layers=3, global_layers=[0])
+    with pytest.raises(ValueError, match="shaw"):
+        SpadeConfig(attention="window", position="shaw")
+
+
+def test_preset_unknown_names():
+    with pytest.raises(ValueError, match="unknown system"):
+        SpadeConfig.from_preset("spade-mega")
+    with pytest.raises(ValueError, match="unknown size"):
+        SpadeConfig.from_preset("s4", size="huge")
+
+
+def test_presets_cover_the_paper_systems():
+    expected = {
+        "transformer-full", "transformer-relative", "transformer-window", "transformer-chunk",
+        "s4", "s5", "hyena", "spade-s4-window", "spade-s4-chunk", "spade-s5-window",
+        "spade-hyena-window", "spade-lstm-window",
+    }
+    assert expected <= set(SYSTEMS)
+    assert {"tiny", "lra", "wikitext103", "t5-base"} <= set(SIZES)
+
+
+def test_ssm_size_defaults_apply_only_where_understood():
+    s4 = SpadeConfig.from_preset("spade-s4-window", size="wikitext103")
+    assert s4.ssm_options == {"d_state": 64, "trainable": False}  # the paper freezes S4
+    hyena = SpadeConfig.from_preset("spade-hyena-window", size="wikitext103")
+    assert hyena.ssm_options == {}
+    custom = SpadeConfig.from_preset("spade-s4-window", ssm_options={"channels": 2})
+    assert custom.ssm_options == {"d_state": 16, "channels": 2}
