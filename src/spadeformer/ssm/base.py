@@ -8,8 +8,8 @@
 
 ``padding_mask`` is (batch, length) bool, True at padded positions: padded positions neither
 contribute to nor receive output (their output is zero). The computation runs in float32 even
-under autocast (SSM kernels lose accuracy in half precision); the output is cast back to the
-input's dtype.
+under autocast (SSM kernels lose accuracy in half precision), float64 when given float64; the
+output is cast back to the input's dtype.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half/bfloat16 -> float32; float64 stays float64 (gradchecks and reference tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class GlobalExtractor(nn.Module):
     """Base class: argument checks, fp32 region, padding, freezing and the step() guard.
 
@@ -103,7 +108,7 @@ class GlobalExtractor(nn.Module):
         check_sequence(x, self.d_model)
         check_padding_mask(padding_mask, x.shape[0], x.shape[1])
         with fp32_region(x.device.type):
-            u = x.float()
+            u = _at_least_fp32(x)
             if padding_mask is not None:
                 u = u.masked_fill(padding_mask.unsqueeze(-1), 0.0)
             y = self._forward(u, padding_mask)
@@ -124,7 +129,7 @@ class GlobalExtractor(nn.Module):
         if not x_t.is_floating_point():
             raise TypeError(f"x_t must be a floating-point tensor, got dtype {x_t.dtype}")
         with fp32_region(x_t.device.type):
-            y_t, state = self._step(x_t.float(), state)
+            y_t, state = self._step(_at_least_fp32(x_t), state)
         return y_t.to(x_t.dtype), state
 
     def initial_state(self, batch_size: int) -> Any:  # pragma: no cover - abstract
