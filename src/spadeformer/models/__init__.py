@@ -1,1 +1,19 @@
-"""spadeformer.models"""
+"""The SPADE backbone and its task heads."""
+
+from spadeformer.models.backbone import SpadeModel
+from spadeformer.models.heads import (
+    SpadeForCausalLM,
+    SpadeForRetrieval,
+    SpadeForSequenceClassification,
+)
+from spadeformer.models.io import ModelLoadError
+from spadeformer.models.outputs import ModelOutput
+
+__all__ = [
+    "ModelLoadError",
+    "ModelOutput",
+    "SpadeForCausalLM",
+    "SpadeForRetrieval",
+    "SpadeForSequenceClassification",
+    "SpadeModel",
+]

@@ -1,0 +1,231 @@
+"""The ``spadeformer`` command: train | eval | generate | bench | data.
+
+Each subcommand maps to one typed function below; ``spadeformer SUBCOMMAND --help`` documents it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["main", "train", "evaluate", "generate_text"]
+
+RUN_CONFIG = "run_config.yaml"
+MODEL_DIR = "model"
+
+
+# ----------------------------------------------------------------------------- train
+def train(config: str | None, overrides: list[str], out: str | None = None,
+          resume: bool = False) -> dict[str, Any]:
+    """Train from a YAML preset plus dotted overrides; returns the final metrics."""
+    from spadeformer.runconfig import build_model_config, load_run_config
+    from spadeformer.tasks import get_task
+    from spadeformer.training.trainer import TrainConfig, Trainer
+
+    cfg = load_run_config(config, overrides)
+    source = get_task(cfg["data"])
+    task = source.task
+    model_section = dict(cfg["model"])
+    model_section.setdefault("vocab_size", task.vocab_size)
+    if task.num_labels is not None:
+        model_section.setdefault("num_labels", task.num_labels)
+    model_config = build_model_config(model_section)
+    train_section = dict(cfg["train"])
+    train_section.setdefault("task", task.objective)
+    train_config = TrainConfig.from_dict(train_section)
+
+    if out is None:
+        name = Path(config).stem if config else "run"
+        out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"model": model_config.to_dict(), "data": cfg["data"],
+                "train": train_config.to_dict(), "task": task.name}
+    (out_dir / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    model = task.model_cls()(model_config)
+    _say(f"model: {type(model).__name__}, {model.num_parameters():,} parameters "
+         f"({model.num_parameters(trainable_only=True):,} trainable); run dir: {out_dir}")
+    trainer = Trainer(model, source.dataset("train"), source.dataset("val"), train_config,
+                      out_dir, resume=resume)
+    metrics = trainer.fit()
+    if trainer.dist.is_main:
+        # The run's model = the best validation checkpoint (the last one if never validated).
+        tag = "best" if trainer.ckpt.pointer("best") is not None else "last"
+        trainer.ckpt.load(model, tag=tag)
+        model.save_pretrained(out_dir / MODEL_DIR)
+        _plot_curves(out_dir)
+    return metrics
+
+
+def _plot_curves(out_dir: Path) -> None:
+    from spadeformer.training.curves import plot_curves
+
+    try:
+        path = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        _say(f"curves: {path}")
+    except ImportError:
+        _say("curves.png skipped: matplotlib is not installed (pip install 'spadeformer[plot]')")
+
+
+# ----------------------------------------------------------------------------- eval
+def _load_run(run: str):
+    from spadeformer.config import SpadeConfig
+    from spadeformer.tasks import get_task
+
+    run_dir = Path(run)
+    cfg_path = run_dir / RUN_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: {RUN_CONFIG} is "
+                                "missing (make one with `spadeformer train --out DIR`)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    source = get_task(cfg["data"])
+    model = source.task.model_cls().from_pretrained(run_dir / MODEL_DIR)
+    assert isinstance(model.config, SpadeConfig)
+    return cfg, source, model
+
+
+def evaluate(run: str, split: str = "test", max_batches: int | None = None,
+             batch_size: int | None = None) -> dict[str, Any]:
+    """Metrics of a trained run on a split, with the task's baseline for comparison."""
+    from spadeformer.training.trainer import evaluate_model
+
+    cfg, source, model = _load_run(run)
+    data = source.dataset(split)
+    metrics = evaluate_model(model, data, batch_size=batch_size or cfg["train"]["batch_size"],
+                             task=source.task.objective, max_batches=max_batches)
+    return {"split": split, **metrics, **source.baseline(split)}
+
+
+# ----------------------------------------------------------------------------- generate
+def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0,
+                  stream=None) -> str:
+    """Continue ``prompt`` byte by byte, writing each byte to ``stream`` as it is produced."""
+    import torch
+
+    from spadeformer.generation import generate
+
+    _, source, model = _load_run(run)
+    if source.task.objective != "lm":
+        raise ValueError(f"run {run!r} trained a {source.task.name} classifier; "
+                         "generate needs a language model run")
+    prompt_ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
+    if prompt_ids.shape[1] == 0:
+        raise ValueError("prompt must not be empty")
+    out = bytearray()
+    decoder = _Utf8Stream(stream)
+
+    def on_token(ids):
+        out.append(int(ids[0]))
+        decoder.feed(int(ids[0]))
+
+    generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+             top_p=top_p, seed=seed, on_token=on_token)
+    decoder.flush()
+    return out.decode("utf-8", errors="replace")
+
+
+class _Utf8Stream:
+    """Write bytes to a text stream as soon as they form complete UTF-8 characters."""
+
+    def __init__(self, stream):
+        import codecs
+
+        self.stream = stream
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, byte: int) -> None:
+        text = self.decoder.decode(bytes([byte]))
+        if text and self.stream is not None:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def flush(self) -> None:
+        text = self.decoder.decode(b"", final=True)
+        if self.stream is not None:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- plumbing
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spadeformer",
+        description="SPADE (State Space Augmented Transformer): train, evaluate, generate, "
+                    "benchmark and prepare data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML preset",
+                       description="Train from --config FILE plus dotted key=value overrides, "
+                                   "e.g. `train.steps=100 model.window_size=64`.")
+    p.add_argument("--config", help="YAML run config (sections model, data, train)")
+    p.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly where its last checkpoint stopped")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. train.lr=1e-3 model.ssm_options.d_state=32")
+
+    p = sub.add_parser("eval", help="evaluate a trained run on a split; prints JSON")
+    p.add_argument("--run", required=True, help="run directory made by `spadeformer train`")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+
+    p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM")
+    p.add_argument("--run", required=True, help="run directory made by `spadeformer train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+
+    from spadeformer.bench.cli import add_bench_parser
+    from spadeformer.data.cli import add_data_parser
+
+    add_bench_parser(sub)
+    add_data_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spadeformer.models.io import ModelLoadError
+    from spadeformer.training.trainer import NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            metrics = train(args.config, args.overrides, out=args.out, resume=args.resume)
+            print(json.dumps(metrics, indent=2))
+        elif args.command == "eval":
+            print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size),
+                             indent=2))
+        elif args.command == "generate":
+            sys.stdout.write(args.prompt)
+            generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature,
+                          args.top_k, args.top_p, args.seed, stream=sys.stdout)
+        else:
+            return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as err:
+        print(f"spadeformer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"spadeformer {args.command}: stopped: {err} (the last good checkpoint is kept)",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Streaming generation on top of ``step()``: constant memory in the number of tokens.
+
+The SSM carries a fixed-size state and window / chunk attention a fixed-size rolling cache, so
+neither memory nor per-token time grows with how many tokens were already produced. (A
+"full"-attention model keeps a growing key/value cache, as any Transformer does.) The prompt is
+consumed token by token through the same ``step()``, which is exact by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["generate", "sample_next", "filter_logits"]
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+        max_new_tokens < 0
+    ):
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p.
+
+    logits: (batch, vocab) -> (batch, vocab). The most likely token always survives.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (batch, vocab) -> token ids (batch,). temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Continue ``input_ids`` (batch, prompt_length >= 1) by ``max_new_tokens`` tokens.
+
+    ``model`` needs ``initial_state(batch)`` and ``step(ids (batch,), state) -> (logits, state)``
+    (e.g. :class:`SpadeForCausalLM`). ``on_token`` is called with each new (batch,) id tensor as
+    soon as it is sampled (the CLI streams text this way). Returns (batch, prompt + new) ids.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must have shape (batch, prompt_length >= 1), got {got}")
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        input_ids = input_ids.to(device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        state = model.initial_state(input_ids.shape[0])
+        for t in range(input_ids.shape[1]):
+            logits, state = model.step(input_ids[:, t], state)
+        out = [input_ids]
+        for _ in range(max_new_tokens):
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            out.append(next_ids[:, None])
+            if on_token is not None:
+                on_token(next_ids)
+            logits, state = model.step(next_ids, state)
+        return torch.cat(out, dim=1)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,182 @@
+"""The two SPADE layer types and the feed-forward block.
+
+GlobalLayer (paper Sec. 3, the bottom layer), pre-LN form:
+
+    X_local  = Local(LN(X))            X_global = SSM(LN(X))
+    X_a      = W [LN(X_local), LN(X_global)] + X        W: Linear(2d -> d)   (combine="concat")
+    Y        = FFN(LN(X_a)) + X_a
+
+``combine="add"`` mixes w * LN(X_global) + (1 - w) * LN(X_local) and ``combine="stack"`` feeds
+the SSM output into the local attention (X_a = Local(SSM(LN(X))) + X): the official code's
+two other modes. With no attention (``attention=None``) the layer is a plain SSM block
+(X_a = SSM(LN(X)) + X), which is how the S4 / S5 / Hyena baselines are stacked.
+
+Post-LN (``norm="post"``, the paper's encoder-decoder) moves each LayerNorm after its residual
+sum: X_a = LN(X + mix(X)), Y = LN(X_a + FFN(X_a)).
+
+Every layer supports ``forward(x, padding_mask)`` and, when causal, ``initial_state`` /
+``step`` for streaming decoding (SSM state + attention cache, both of fixed size for window or
+chunk attention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from spadeformer.attention import Attention
+from spadeformer.ssm.base import GlobalExtractor
+
+__all__ = ["FeedForward", "LocalLayer", "GlobalLayer"]
+
+NORMS = ("pre", "post")
+COMBINES = ("concat", "add", "stack")
+
+
+class FeedForward(nn.Module):
+    """Linear(d -> d_ff), GELU, dropout, Linear(d_ff -> d), dropout. (..., d) -> (..., d)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_ff", d_ff)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+
+class _Block(nn.Module):
+    """Shared residual / norm plumbing: subclasses define the token mixer."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, norm: str):
+        super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+        self.norm_placement = norm
+        self.norm_mix = nn.LayerNorm(d_model)
+        self.norm_ffn = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def _residual(self, x: torch.Tensor, mix) -> torch.Tensor:
+        """mix: callable (normalised or raw input) -> token-mixed output, same shape."""
+        if self.norm_placement == "pre":
+            x = x + self.dropout(mix(self.norm_mix(x)))
+            return x + self.ffn(self.norm_ffn(x))
+        x = self.norm_mix(x + self.dropout(mix(x)))
+        return self.norm_ffn(x + self.ffn(x))
+
+
+class LocalLayer(_Block):
+    """A Transformer layer whose attention is full, sliding-window or chunk attention.
+
+    forward: x (batch, length, d_model), padding_mask (batch, length) bool True = padded
+    -> (batch, length, d_model).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, *, attention: Attention,
+                 dropout: float = 0.0, norm: str = "pre"):
+        super().__init__(d_model, d_ff, dropout, norm)
+        self.attn = attention
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._residual(x, lambda h: self.attn(h, padding_mask=padding_mask))
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> Any:
+        return self.attn.initial_cache(batch_size, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """x_t: (batch, d_model) -> (batch, d_model), new state."""
+        box = {}
+
+        def mix(h):
+            y, box["state"] = self.attn.step(h, state)
+            return y
+
+        return self._residual(x_t, mix), box["state"]
+
+
+class GlobalLayer(_Block):
+    """SPADE's global layer: an SSM beside the local attention, mixed (paper Sec. 3, Fig. 2).
+
+    forward: x (batch, length, d_model), padding_mask (batch, length) bool True = padded
+    -> (batch, length, d_model).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, ssm: GlobalExtractor,
+                 attention: Attention | None, combine: str = "concat", add_weight: float = 0.5,
+                 dropout: float = 0.0, norm: str = "pre"):
+        super().__init__(d_model, d_ff, dropout, norm)
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {list(COMBINES)}, got {combine!r}")
+        if not 0.0 <= add_weight <= 1.0:
+            raise ValueError(f"add_weight must be in [0, 1], got {add_weight!r}")
+        self.ssm = ssm
+        self.attn = attention
+        self.combine = combine if attention is not None else "ssm-only"
+        self.add_weight = add_weight
+        if self.combine in ("concat", "add"):
+            self.norm_local = nn.LayerNorm(d_model)
+            self.norm_global = nn.LayerNorm(d_model)
+        if self.combine == "concat":
+            self.mix_proj = nn.Linear(2 * d_model, d_model)  # W in the paper's equation
+
+    def _merge(self, x_local: torch.Tensor | None, x_global: torch.Tensor) -> torch.Tensor:
+        if self.combine == "concat":
+            both = torch.cat([self.norm_local(x_local), self.norm_global(x_global)], dim=-1)
+            return self.mix_proj(both)
+        if self.combine == "add":
+            w = self.add_weight
+            return w * self.norm_global(x_global) + (1 - w) * self.norm_local(x_local)
+        return x_local if self.combine == "stack" else x_global
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        def mix(h):
+            x_global = self.ssm(h, padding_mask=padding_mask)
+            if self.attn is None:
+                return x_global
+            attn_in = x_global if self.combine == "stack" else h
+            return self._merge(self.attn(attn_in, padding_mask=padding_mask), x_global)
+
+        return self._residual(x, mix)
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> Any:
+        ssm_state = self.ssm.initial_state(batch_size)
+        if device is not None:
+            ssm_state = _to_device(ssm_state, device)
+        attn_cache = None
+        if self.attn is not None:
+            attn_cache = self.attn.initial_cache(batch_size, device=device, dtype=dtype)
+        return (ssm_state, attn_cache)
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """x_t: (batch, d_model) -> (batch, d_model), new state."""
+        ssm_state, attn_cache = state
+        box = {}
+
+        def mix(h):
+            x_global, box["ssm"] = self.ssm.step(h, ssm_state)
+            box["attn"] = attn_cache
+            if self.attn is None:
+                return x_global
+            attn_in = x_global if self.combine == "stack" else h
+            x_local, box["attn"] = self.attn.step(attn_in, attn_cache)
+            return self._merge(x_local, x_global)
+
+        y = self._residual(x_t, mix)
+        return y, (box["ssm"], box["attn"])
+
+
+def _to_device(state: Any, device) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, (tuple, list)):
+        return type(state)(_to_device(s, device) for s in state)
+    return state
