@@ -1,0 +1,318 @@
+"""S4D: the diagonal state space model (Gu, Gupta, Goel, Re 2022, "On the Parameterization and
+Initialization of Diagonal State Space Models") as a SPADE global information extractor.
+
+Per feature h (H = d_model of them) a diagonal SSM with N = d_state complex states in N/2
+conjugate pairs; only one member of each pair is stored and the output takes 2 Re(.):
+
+    x'(t) = Lambda x(t) + B u(t),   y(t) = 2 Re(C x(t)) + D u(t)      Lambda, B, C: (N/2,)
+
+    Lambda_n = -exp(log_A_real_n) + i A_imag_n      (real part < 0 by construction: stable)
+    S4D-Lin:  Lambda_n = -1/2 + i pi n
+    S4D-Inv:  Lambda_n = -1/2 + i (N / pi) (N / (2n + 1) - 1)         n = 0 .. N/2 - 1
+    B = 1, C ~ complex normal, D ~ normal, dt log-uniform in [dt_min, dt_max] (one per h).
+
+Discretisation with step dt (S4D paper Sec. 3.2):
+
+    ZOH:       z = exp(dt Lambda),                       Bbar = (z - 1) / Lambda * B
+    bilinear:  z = (1 + dt Lambda/2) / (1 - dt Lambda/2), Bbar = dt B / (1 - dt Lambda/2)
+
+and the convolution kernel is K[l] = 2 Re(sum_n C_n Bbar_n z_n^l) (ops/vandermonde.py).
+``channels`` > 1 gives several C (and D) per feature, i.e. several kernels, as in S4.
+
+The block (same as S4, so that S4 and S4D are interchangeable in a layer):
+
+    y = output_linear(dropout(GELU(K * u + D u)))      output_linear: Linear(channels*H, H)
+
+Bidirectional: a second set of C (``C_reverse``, same Lambda, B, dt) gives ``k_reverse`` and
+
+    (K * u)[t] = sum_{s <= t} k[t - s] u[s] + sum_{s > t} k_reverse[s - t - 1] u[s]
+
+(ops/fftconv.py): the reverse part is the same SSM run backwards over the *later* tokens only,
+so the current token is counted once (by k[0] and D).
+
+``kernel(L)`` is the causal kernel (channels, H, L); ``kernels(L)`` gives (k, k_reverse or
+None). ``continuous_parameters()`` returns (A, B, C, dt) with the conjugate pairs written out.
+
+Frozen (``trainable=False``): every parameter has requires_grad False and the kernels are
+cached per (length, device, dtype) -- in fact whenever none of the kernel's parameters
+requires grad; the cache is dropped when one of them is modified in place (e.g.
+``load_state_dict``, tracked by the tensors' version counters) or moved / cast.
+
+Complex parameters (B, C) are stored as real (..., 2) tensors (``torch.view_as_real``) so
+that optimisers, safetensors and DDP only ever see real tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from spadeformer.ops.fftconv import fft_conv
+from spadeformer.ops.vandermonde import vandermonde_kernel
+from spadeformer.ssm.base import GlobalExtractor, check_positive
+
+__all__ = ["S4D", "check_dt_range", "check_lr", "check_dropout"]
+
+INITS = ("inv", "lin")
+DISCRETIZATIONS = ("zoh", "bilinear")
+_MAX_CACHED_LENGTHS = 16
+
+
+def check_dt_range(dt_min: Any, dt_max: Any) -> None:
+    """0 < dt_min <= dt_max, both numbers."""
+    check_positive("dt_min", dt_min, allow_float=True)
+    check_positive("dt_max", dt_max, allow_float=True)
+    if dt_min > dt_max:
+        raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min!r} > dt_max={dt_max!r}")
+
+
+def check_lr(lr: Any) -> None:
+    """None (use the optimiser's SSM learning rate) or a positive number."""
+    if lr is not None:
+        check_positive("lr", lr, allow_float=True)
+
+
+def check_dropout(dropout: Any) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+        0.0 <= dropout < 1.0
+    ):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def mark_ssm_param(param: nn.Parameter, lr: float | None) -> None:
+    """Optimiser hint read by the training code: own lr (None = the global SSM lr), no decay."""
+    param._optim = {"lr": lr, "weight_decay": 0.0}
+
+
+def log_uniform_dt(n: int, dt_min: float, dt_max: float) -> torch.Tensor:
+    """(n,) log dt, uniform in [log dt_min, log dt_max] (S4 / S4D / S5 initialisation)."""
+    lo, hi = math.log(dt_min), math.log(dt_max)
+    return torch.rand(n, dtype=torch.float64) * (hi - lo) + lo
+
+
+class S4D(GlobalExtractor):
+    """Diagonal SSM (S4D) with the S4 output block. See the module docstring.
+
+    Args:
+        d_model: H, features in and out.
+        d_state: N, the (real) state size: N/2 complex conjugate pairs; must be even.
+        channels: kernels per feature (output_linear mixes channels * H -> H).
+        bidirectional: add the anti-causal kernel (no step() then).
+        trainable: False freezes everything at initialisation (and caches kernels).
+        init: "inv" (S4D-Inv) or "lin" (S4D-Lin) imaginary parts.
+        discretization: "zoh" or "bilinear".
+        dt_min, dt_max: range of the log-uniform step size.
+        lr: learning rate hint for Lambda, B and log_dt (None = the global SSM lr).
+        dropout: after the GELU.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        channels: int = 1,
+        bidirectional: bool = False,
+        trainable: bool = True,
+        init: str = "inv",
+        discretization: str = "zoh",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        lr: float | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__(d_model, bidirectional=bidirectional, trainable=trainable)
+        check_positive("d_state", d_state)
+        if d_state % 2:
+            raise ValueError(
+                f"d_state must be even (N/2 complex conjugate pairs), got d_state={d_state}"
+            )
+        check_positive("channels", channels)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if discretization not in DISCRETIZATIONS:
+            raise ValueError(
+                f"discretization must be one of {DISCRETIZATIONS}, got {discretization!r}"
+            )
+        check_dt_range(dt_min, dt_max)
+        check_lr(lr)
+        check_dropout(dropout)
+        self.d_state, self.channels = d_state, channels
+        self.init, self.discretization = init, discretization
+        H, N, n2 = d_model, d_state, d_state // 2
+
+        n = torch.arange(n2, dtype=torch.float64)
+        if init == "lin":
+            imag = math.pi * n
+        else:  # S4D-Inv: approximates the imaginary parts of diagonalised HiPPO-LegS
+            imag = (N / math.pi) * (N / (2 * n + 1) - 1)
+        self.log_A_real = nn.Parameter(torch.full((H, n2), math.log(0.5)))
+        self.A_imag = nn.Parameter(imag.expand(H, n2).float().clone())
+        self.B = nn.Parameter(torch.view_as_real(torch.ones(H, n2, dtype=torch.cfloat)).clone())
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, H, n2, dtype=torch.cfloat)))
+        if bidirectional:
+            self.C_reverse = nn.Parameter(
+                torch.view_as_real(torch.randn(channels, H, n2, dtype=torch.cfloat))
+            )
+        self.D = nn.Parameter(torch.randn(channels, H))
+        self.log_dt = nn.Parameter(log_uniform_dt(H, dt_min, dt_max).float())
+        for p in (self.log_A_real, self.A_imag, self.B, self.log_dt):
+            mark_ssm_param(p, lr)
+
+        self.activation = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+        self.output_linear = nn.Linear(channels * H, H)
+        self._kernel_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
+        self._cache_versions: tuple[int, ...] | None = None
+        self.freeze_if_requested()
+
+    # ------------------------------------------------------------------ parameters
+    def _lambda(self) -> torch.Tensor:
+        """(H, N/2) complex continuous eigenvalues, real part -exp(log_A_real) < 0."""
+        return torch.complex(-torch.exp(self.log_A_real), self.A_imag)
+
+    def _discrete(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (H, N/2) and Bbar (H, N/2), complex: the discretised diagonal system."""
+        Lam = self._lambda()
+        B = torch.view_as_complex(self.B)
+        dtL = torch.exp(self.log_dt).unsqueeze(-1) * Lam
+        if self.discretization == "zoh":
+            z = torch.exp(dtL)
+            # (z - 1) / Lambda, with expm1: z - 1 cancels badly in fp32 when |dt Lambda| << 1.
+            # Lambda != 0 since its real part is < 0.
+            Bbar = torch.expm1(dtL) / Lam * B
+        else:
+            denom = 1 - dtL / 2
+            z = (1 + dtL / 2) / denom
+            Bbar = torch.exp(self.log_dt).unsqueeze(-1) * B / denom
+        return z, Bbar
+
+    def _C_all(self) -> torch.Tensor:
+        """(directions * channels, H, N/2) complex: C, then C_reverse when bidirectional."""
+        C = torch.view_as_complex(self.C)
+        if self.bidirectional:
+            C = torch.cat([C, torch.view_as_complex(self.C_reverse)], dim=0)
+        return C
+
+    def continuous_parameters(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, C, dt) of the full N-state complex diagonal system, detached, for inspection.
+
+        The conjugate partners are written out, so x' = diag(A) x + B u, y = C x is a system
+        with real output and no 2 Re(.):
+
+            A:  (H, N) complex, the diagonal of the state matrix: [Lambda, conj(Lambda)]
+            B:  (H, N) complex, [B, conj(B)]
+            C:  (channels, H, N) complex, [C, conj(C)]; bidirectional: (2, channels, H, N)
+                with C[0] the forward and C[1] the reverse output matrix
+            dt: (H,) real step sizes
+        """
+        with torch.no_grad():
+            Lam = self._lambda()
+            B = torch.view_as_complex(self.B)
+            Cs = [torch.view_as_complex(self.C)]
+            if self.bidirectional:
+                Cs.append(torch.view_as_complex(self.C_reverse))
+            Cs = [torch.cat([c, c.conj()], dim=-1) for c in Cs]
+            C = torch.stack(Cs) if self.bidirectional else Cs[0]
+            A = torch.cat([Lam, Lam.conj()], dim=-1)
+            return A, torch.cat([B, B.conj()], dim=-1), C, torch.exp(self.log_dt)
+
+    # ---------------------------------------------------------------------- kernel
+    def _compute_kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z, Bbar = self._discrete()
+        Ct = self._C_all() * Bbar  # (directions * channels, H, N/2)
+        K = vandermonde_kernel(Ct, z, length)  # one call for both directions
+        if self.bidirectional:
+            k, k_rev = K.chunk(2, dim=0)
+            return k, k_rev
+        return K, None
+
+    def _kernel_params(self) -> list[nn.Parameter]:
+        """The parameters the kernel depends on (not D or output_linear)."""
+        names = ["log_A_real", "A_imag", "B", "C", "log_dt"]
+        names += ["C_reverse"] if self.bidirectional else []
+        return [getattr(self, n) for n in names]
+
+    def kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward kernel and reverse kernel (None when causal), each (channels, H, length).
+
+        Cached per (length, device, dtype) while the kernel's parameters are frozen (least
+        recently used lengths dropped beyond 16); recomputed from the live parameters otherwise.
+        """
+        check_positive("length", length)
+        params = self._kernel_params()
+        if any(p.requires_grad for p in params):
+            return self._compute_kernels(length)
+        versions = tuple(p._version for p in params)
+        if versions != self._cache_versions:  # a parameter changed in place: stale cache
+            self._kernel_cache.clear()
+            self._cache_versions = versions
+        # Kernels made under inference_mode are inference tensors: keep them apart.
+        key = (length, self.log_dt.device, self.log_dt.dtype, torch.is_inference_mode_enabled())
+        if key in self._kernel_cache:
+            self._kernel_cache.move_to_end(key)
+        else:
+            with torch.no_grad():
+                self._kernel_cache[key] = self._compute_kernels(length)
+            if len(self._kernel_cache) > _MAX_CACHED_LENGTHS:
+                self._kernel_cache.popitem(last=False)  # least recently used
+        return self._kernel_cache[key]
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """The causal (forward) convolution kernel, (channels, d_model, length)."""
+        return self.kernels(length)[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() replace parameter tensors: drop kernels of the old ones.
+        self._kernel_cache.clear()
+        self._cache_versions = None
+        return super()._apply(fn, *args, **kwargs)
+
+    # --------------------------------------------------------------------- forward
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, H) or (batch, length, channels, H) -> same without channels."""
+        y = self.dropout(self.activation(y))
+        return self.output_linear(y.flatten(-2))
+
+    def _forward(self, u: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """u: (batch, length, H) float (padded positions zero) -> (batch, length, H)."""
+        L = u.shape[1]
+        k, k_rev = self.kernels(L)  # (channels, H, L) each
+        u_t = rearrange(u, "b l h -> b 1 h l")
+        y = fft_conv(u_t, k, k_rev, padding_mask=padding_mask)  # (b, channels, h, l)
+        y = y + self.D.unsqueeze(-1) * u_t
+        return self._output(rearrange(y, "b c h l -> b l c h"))
+
+    # ----------------------------------------------------------------- recurrence
+    def initial_state(self, batch_size: int) -> torch.Tensor:
+        """Zero state, (batch, H, N/2) complex, on the parameters' device."""
+        check_positive("batch_size", batch_size)
+        dtype = torch.complex128 if self.log_dt.dtype == torch.float64 else torch.complex64
+        return torch.zeros(
+            batch_size, self.d_model, self.d_state // 2, dtype=dtype, device=self.log_dt.device
+        )
+
+    def _step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t: (batch, H); state (batch, H, N/2) -> y_t (batch, H), new state.
+
+        x_k = z x_{k-1} + Bbar u_k,  y_k = 2 Re(C x_k) + D u_k: the kernel form unrolled.
+        """
+        z, Bbar = self._discrete()
+        state = z * state + Bbar * x_t.unsqueeze(-1)
+        C = torch.view_as_complex(self.C)  # (channels, H, N/2)
+        y = 2 * torch.einsum("chn,bhn->bch", C, state).real + self.D * x_t.unsqueeze(1)
+        return self._output(y), state
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, d_state={self.d_state}, channels={self.channels}, "
+            f"init={self.init!r}, discretization={self.discretization!r}"
+        )
