@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from spadeformer.config import SpadeConfig
+from spadeformer.generation import filter_logits, generate
+from spadeformer.models import SpadeForCausalLM
+
+
+def tiny_lm(system="spade-s4-window", **kw):
+    cfg = SpadeConfig.from_preset(system, size="tiny", vocab_size=50, d_model=32, n_heads=4,
+                                  d_ff=64, window_size=16, chunk_size=16, **kw)
+    return SpadeForCausalLM(cfg).eval()
+
+
+def state_numel(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel()
+    if isinstance(state, dict):
+        return sum(state_numel(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_numel(v) for v in state)
+    if hasattr(state, "__dict__"):
+        return sum(state_numel(v) for v in vars(state).values())
+    return 0
+
+
+@pytest.mark.parametrize("system, tokens", [("spade-s4-window", 2000), ("spade-s4-chunk", 500)])
+def test_state_size_is_constant_while_generating(system, tokens):
+    """SSM state + window (or chunk) cache: the same number of elements at every step."""
+    model = tiny_lm(system)
+    state = model.initial_state(1)
+    sizes = {}
+    token = torch.tensor([3])
+    with torch.no_grad():
+        for t in range(1, tokens + 1):
+            logits, state = model.step(token, state)
+            token = logits.argmax(-1)
+            if t in (20, tokens // 2, tokens):
+                sizes[t] = state_numel(state)
+    assert sizes[20] > 0
+    assert len(set(sizes.values())) == 1, sizes
+
+
+def test_full_attention_cache_grows():
+    model = tiny_lm("transformer-full")
+    state = model.initial_state(1)
+    with torch.no_grad():
+        _, state = model.step(torch.tensor([1]), state)
+        first = state_numel(state)
+        for _ in range(30):
+            _, state = model.step(torch.tensor([1]), state)
+    assert state_numel(state) > first
+
+
+@pytest.mark.parametrize("system", ["spade-s4-window", "transformer-window", "s4"])
+def test_greedy_equals_argmax_of_full_forward(system):
+    model = tiny_lm(system)
+    prompt = torch.randint(0, 50, (2, 5))
+    out = model.generate(prompt, max_new_tokens=12, temperature=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_is_seeded_and_streams():
+    model = tiny_lm()
+    prompt = torch.randint(0, 50, (1, 4))
+    seen = []
+    a = generate(model, prompt, 20, temperature=1.0, top_k=10, top_p=0.9, seed=7,
+                 on_token=lambda ids: seen.append(int(ids[0])))
+    b = generate(model, prompt, 20, temperature=1.0, top_k=10, top_p=0.9, seed=7)
+    assert torch.equal(a, b)
+    assert seen == a[0, 4:].tolist()
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept_k = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept_k.tolist() == [[True, True, False, False]]
+    kept_p = torch.isfinite(filter_logits(logits, top_p=0.8))
+    assert kept_p.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.8
+    kept_small = torch.isfinite(filter_logits(logits, top_p=0.1))
+    assert kept_small.tolist() == [[True, False, False, False]]  # the top token always stays
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = tiny_lm()
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(model, torch.tensor([[1, 2]]), **args)
+
+
+def test_bidirectional_model_cannot_stream():
+    cfg = SpadeConfig.from_preset("spade-s4-window", size="tiny", causal=False)
+    from spadeformer.models import SpadeModel
+
+    with pytest.raises(RuntimeError, match="causal"):
+        SpadeModel(cfg).initial_state(1)
