@@ -1,0 +1,228 @@
+import json
+import math
+
+import pytest
+import torch
+from tiny_models import TinyClassifier, TinyLM, make_tree
+
+from spadeformer.data.corpus import ByteCorpus
+from spadeformer.training.checkpoint import CheckpointManager
+from spadeformer.training.schedule import lr_factor
+from spadeformer.training.trainer import NonFiniteLossError, TrainConfig, Trainer
+
+SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: intra-op threads only fight the other jobs on a shared 2-core machine (10x
+    slower measured), and results must not depend on the thread count anyway."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = make_tree(tmp_path_factory.mktemp("tree"))
+    c = ByteCorpus(root, fractions=(0.8, 0.1, 0.1))
+    assert c.files("val"), "the generated tree must give a non-empty val split"
+    return c
+
+
+@pytest.fixture
+def data(corpus):
+    return corpus.dataset("train", SEQ), corpus.dataset("val", SEQ)
+
+
+def cfg(**kw):
+    base = dict(steps=20, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=10,
+                eval_batches=4, log_every=1, save_every=10, seed=0, device="cpu",
+                progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_metrics(out_dir, split="train"):
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_twenty_steps_reduce_loss_and_write_metrics(tmp_path, data):
+    train, val = data
+    torch.manual_seed(0)
+    model = TinyLM(d=32, dropout=0.0)
+    trainer = Trainer(model, train, val, cfg(), tmp_path)
+    before = trainer.evaluate(val)
+    result = trainer.fit()
+    after = trainer.evaluate(val)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert set(rows[0]) == {"step", "split", "loss", "bpb", "tokens_per_s", "lr"}
+    assert rows[0]["loss"] == pytest.approx(math.log(256), abs=0.3)  # ~uniform at init
+    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 1.0
+    assert after["loss"] < before["loss"] - 1.0
+    for r in rows:
+        assert r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=1e-12)
+        want_lr = 1e-2 * lr_factor(r["step"] - 1, total_steps=20, warmup_steps=2)
+        assert r["lr"] == pytest.approx(want_lr, rel=1e-12)
+        assert r["tokens_per_s"] > 0
+    vals = read_metrics(tmp_path, "val")
+    assert [v["step"] for v in vals] == [10, 20] and vals[1]["loss"] < vals[0]["loss"]
+    assert result["step"] == 20 and result["val_loss"] == vals[1]["loss"]
+    assert result["best_val_loss"] == min(v["loss"] for v in vals)
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    assert mgr.pointer("last")["step"] == 20 and mgr.pointer("best")["step"] == 20
+    assert json.loads((tmp_path / "train_config.json").read_text())["steps"] == 20
+
+
+def test_evaluate_is_the_exact_token_mean(tmp_path, data):
+    train, val = data
+    model = TinyLM(dropout=0.0)
+    trainer = Trainer(model, train, val, cfg(batch_size=6), tmp_path)
+    got = trainer.evaluate(val)
+    model.eval()
+    with torch.no_grad():
+        total, count = 0.0, 0
+        for i in range(len(val)):  # one block at a time: a different batching
+            item = val[i]
+            out = model(input_ids=item["input_ids"][None], labels=item["labels"][None])
+            total += float(out.loss) * SEQ
+            count += SEQ
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["bpb"] == pytest.approx(got["loss"] / math.log(2), rel=1e-12)
+    assert trainer.evaluate(val, max_batches=1)["loss"] != pytest.approx(got["loss"], rel=1e-9)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, data):
+    train, val = data
+    losses, finals = [], []
+    for accum in (1, 2, 4):
+        torch.manual_seed(0)
+        model = TinyLM(dropout=0.0)
+        Trainer(model, train, None, cfg(steps=6, grad_accum=accum), tmp_path / f"a{accum}").fit()
+        losses.append([r["loss"] for r in read_metrics(tmp_path / f"a{accum}")])
+        finals.append(weights(model))
+    for other in (1, 2):
+        assert losses[other] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+        for k in finals[0]:
+            torch.testing.assert_close(finals[other][k], finals[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, data):
+    train, val = data
+    config = cfg(steps=24, grad_accum=2, save_every=6, eval_every=4, warmup_steps=3,
+                 schedule="cosine", min_lr_ratio=0.1)
+
+    torch.manual_seed(0)
+    ref_model = TinyLM(dropout=0.2)  # dropout: the RNG state must be restored too
+    Trainer(ref_model, train, val, config, tmp_path / "ref").fit()
+    ref_rows = (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()
+
+    torch.manual_seed(0)
+    crashing = TinyLM(dropout=0.2)
+    crashing.crash_at = 2 * 15 + 1  # first micro-batch of step 16; last save was step 12
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashing, train, val, config, tmp_path / "run").fit()
+    assert CheckpointManager(tmp_path / "run" / "checkpoints").pointer("last")["step"] == 12
+
+    torch.manual_seed(123)  # a restarted process builds a different fresh model
+    resumed = TinyLM(dropout=0.2)
+    trainer = Trainer(resumed, train, val, config, tmp_path / "run", resume=True)
+    assert trainer.step == 12 and trainer.position == 12 * 8
+    trainer.fit()
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+
+    def strip(lines):  # everything but wall-clock throughput must be identical
+        return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+
+    assert len(rows) == len(ref_rows) == 24 + 6
+    assert strip(rows) == strip(ref_rows)  # exact float equality, every step
+    ref_w, got_w = weights(ref_model), weights(resumed)
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, data):
+    train, val = data
+    model = TinyLM()
+    model.poison_at = 7
+    trainer = Trainer(model, train, val, cfg(save_every=5, eval_every=5), tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 7") as err:
+        trainer.fit()
+    assert err.value.step == 7
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # never updated with NaN
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 6
+    mgr = CheckpointManager(tmp_path / "checkpoints")
+    assert mgr.pointer("last")["step"] == 5
+    good = TinyLM()
+    assert mgr.load(good)["step"] == 5
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+
+
+def test_config_validation_names_the_field():
+    bad = [dict(steps=0), dict(batch_size=10, grad_accum=3), dict(lr=-1.0),
+           dict(schedule="poly"), dict(task="seq2seq"), dict(precision="fp16"),
+           dict(warmup_steps=50), dict(clip_norm=0.0), dict(min_lr_ratio=2.0),
+           dict(eval_batches=0)]
+    names = ["steps", "grad_accum", "lr", "schedule", "task", "precision", "warmup_steps",
+             "clip_norm", "min_lr_ratio", "eval_batches"]
+    for kw, name in zip(bad, names, strict=True):
+        with pytest.raises(ValueError, match=name):
+            cfg(**kw)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"stepz": 3})
+    c = cfg(schedule="cosine")
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_bf16_on_cpu_and_out_dir_misuse_are_refused(tmp_path, data):
+    train, val = data
+    with pytest.raises(ValueError, match="bf16"):
+        Trainer(TinyLM(), train, val, cfg(precision="bf16"), tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="resume"):
+        Trainer(TinyLM(), train, val, cfg(), tmp_path / "b", resume=True)
+    Trainer(TinyLM(), train, None, cfg(steps=2), tmp_path / "c").fit()
+    with pytest.raises(FileExistsError, match="resume=True"):
+        Trainer(TinyLM(), train, None, cfg(steps=2), tmp_path / "c")
+    with pytest.raises(ValueError, match="train_data"):
+        Trainer(TinyLM(), [], None, cfg(), tmp_path / "d")
+
+
+class _Parity(torch.utils.data.Dataset):
+    """Variable-length sequences of 1s and 2s; label = whether the count of 2s is odd."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            length = int(torch.randint(3, 9, (1,), generator=g))
+            ids = torch.randint(1, 3, (length,), generator=g)
+            self.items.append({"input_ids": ids, "labels": (ids == 2).sum() % 2})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_classification_task_reports_accuracy(tmp_path):
+    train, val = _Parity(64, 0), _Parity(21, 1)
+    model = TinyClassifier()
+    trainer = Trainer(model, train, val, cfg(task="classify", steps=4, eval_every=2), tmp_path)
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert "accuracy" in rows[0] and "bpb" not in rows[0]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    got = trainer.evaluate(val)
+    model.eval()
+    with torch.no_grad():  # independent: one example at a time, no padding involved
+        preds = [int(model(input_ids=x["input_ids"][None], labels=x["labels"][None]).logits
+                     .argmax(-1)) for x in val.items]
+    want = sum(p == int(x["labels"]) for p, x in zip(preds, val.items, strict=True)) / len(val)
+    assert got["accuracy"] == pytest.approx(want, abs=1e-12)
