@@ -58,6 +58,10 @@ class SpadeModel(PretrainedMixin, nn.Module):
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        # fairseq / Vaswani et al.: N(0, d^-1/2) entries, inputs scaled by sqrt(d). Keeps tied
+        # output logits O(1) at initialisation (N(0, 1) entries would give logits of std ~sqrt(d)).
+        nn.init.normal_(self.embed.weight, std=c.d_model ** -0.5)
+        self.embed_scale = math.sqrt(c.d_model)
         if c.position == "learned":
             self.pos_embed = nn.Embedding(c.max_position, c.d_model)
         self.embed_dropout = nn.Dropout(c.dropout)
@@ -87,7 +91,7 @@ class SpadeModel(PretrainedMixin, nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """input_ids (batch, length) -> (batch, length, d_model); start = first position."""
-        x = self.embed(input_ids.long())
+        x = self.embed(input_ids.long()) * self.embed_scale
         c = self.config
         if c.position in ("sinusoidal", "learned"):
             pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
