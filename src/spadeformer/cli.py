@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,17 +42,23 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     train_config = TrainConfig.from_dict(train_section)
 
     if out is None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("under torchrun pass --out DIR (every rank must use the same "
+                             "run directory)")
         name = Path(config).stem if config else "run"
         out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"model": model_config.to_dict(), "data": cfg["data"],
-                "train": train_config.to_dict(), "task": task.name}
-    (out_dir / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"model": model_config.to_dict(), "data": cfg["data"],
+                    "train": train_config.to_dict(), "task": task.name}
+        (out_dir / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     model = task.model_cls()(model_config)
-    _say(f"model: {type(model).__name__}, {model.num_parameters():,} parameters "
-         f"({model.num_parameters(trainable_only=True):,} trainable); run dir: {out_dir}")
+    if main_process:
+        _say(f"model: {type(model).__name__}, {model.num_parameters():,} parameters "
+             f"({model.num_parameters(trainable_only=True):,} trainable); run dir: {out_dir}")
     trainer = Trainer(model, source.dataset("train"), source.dataset("val"), train_config,
                       out_dir, resume=resume)
     metrics = trainer.fit()
