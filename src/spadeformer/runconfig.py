@@ -87,15 +87,40 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
                              f"with section in {list(SECTIONS)}")
     if parts[0] not in SECTIONS:
         raise _unknown(parts[0], list(SECTIONS), f"override {override!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        value = None
+    value = _parse_value(raw)
     node = cfg.setdefault(parts[0], {})
     for part in parts[1:-1]:  # nested, e.g. model.ssm_options.d_state=32
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RunConfigError(f"override {override!r}: {part!r} is not a mapping")
     node[parts[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalars and lists, plus what YAML 1.1 leaves as text: 3e-3 (no dot), None."""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        if value.lower() in ("none", "null"):
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _numbers_from_text(node: Any) -> Any:
+    """YAML 1.1 reads ``lr: 3e-3`` as the text '3e-3'; read such scalars as numbers."""
+    if isinstance(node, dict):
+        return {k: _numbers_from_text(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers_from_text(v) for v in node]
+    if isinstance(node, str):
+        try:
+            return float(node)
+        except ValueError:
+            return node
+    return node
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -108,7 +133,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict[
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise RunConfigError(f"{p} must hold a mapping with sections {list(SECTIONS)}")
-        cfg = copy.deepcopy(loaded)
+        cfg = _numbers_from_text(copy.deepcopy(loaded))
     for override in overrides:
         apply_override(cfg, override)
     for section in SECTIONS:

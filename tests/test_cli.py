@@ -1,0 +1,91 @@
+"""The `spadeformer` command end to end on a tiny generated corpus."""
+
+import json
+
+import pytest
+
+from spadeformer.cli import main
+
+TINY = [
+    "model.preset=spade-s4-window", "model.size=tiny", "model.d_model=32", "model.n_layers=2",
+    "model.n_heads=2", "model.d_ff=64", "model.window_size=8", "model.dropout=0.0",
+    "model.ssm_options.trainable=false",
+    "data.seq_len=32",
+    "train.steps=20", "train.batch_size=4", "train.lr=3e-3", "train.eval_every=10",
+    "train.eval_batches=2", "train.log_every=5", "train.save_every=10", "train.progress=false",
+]
+
+
+@pytest.fixture
+def corpus_root(tmp_path):
+    root = tmp_path / "src"
+    for i in range(30):
+        (root / f"m{i:02d}.py").parent.mkdir(parents=True, exist_ok=True)
+        body = "".join(f"def f{j}(x):\n    return x + {j}\n" for j in range(20))
+        (root / f"m{i:02d}.py").write_text(f"# module {i}\n{body}")
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["train"], ["eval"], ["generate"], ["bench"], ["bench", "train"],
+     ["bench", "generate"], ["data"], ["data", "listops"], ["data", "pathfinder"]],
+)
+def test_every_subcommand_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: spadeformer" in capsys.readouterr().out
+
+
+def test_unknown_key_names_the_closest(capsys, tmp_path):
+    code = main(["train", "--out", str(tmp_path / "r"), "train.lrr=1e-3"])
+    assert code == 2
+    assert "did you mean 'lr'" in capsys.readouterr().err
+    code = main(["train", "--out", str(tmp_path / "r"), "model.windw_size=3"])
+    assert code == 2
+    assert "did you mean 'window_size'" in capsys.readouterr().err
+
+
+def test_train_eval_generate(tmp_path, corpus_root, capsys):
+    run = tmp_path / "run"
+    code = main(["train", "--out", str(run), f"data.root={corpus_root}", *TINY])
+    assert code == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["step"] == 20
+    for name in ("run_config.yaml", "metrics.jsonl", "model/config.json",
+                 "model/model.safetensors", "checkpoints/last.json"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert {"step", "split", "loss", "bpb", "tokens_per_s", "lr"} <= set(train[0])
+    assert train[-1]["loss"] < train[0]["loss"]  # it learns
+
+    assert main(["eval", "--run", str(run), "--split", "test"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["split"] == "test" and metrics["bpb"] > 0 and metrics["unigram_bpb"] > 0
+
+    assert main(["generate", "--run", str(run), "--prompt", "def f", "--max-new-tokens", "15",
+                 "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def f") and len(text.encode()) >= len("def f") + 1
+
+
+def test_resume_refuses_and_continues(tmp_path, corpus_root, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), f"data.root={corpus_root}", *TINY]
+    assert main([*args, "train.steps=10"]) == 0
+    assert main(args) == 2  # a second fresh start into the same run dir is refused
+    assert "resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 20
+
+
+def test_yaml_exponents_without_dot_are_numbers(tmp_path):
+    from spadeformer.runconfig import load_run_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-3\nmodel:\n  preset: s4\n")
+    cfg = load_run_config(path, ["train.weight_decay=1e-2", "model.chunk_size=null"])
+    assert cfg["train"]["lr"] == 0.003 and cfg["train"]["weight_decay"] == 0.01
+    assert cfg["model"]["chunk_size"] is None and cfg["model"]["preset"] == "s4"
