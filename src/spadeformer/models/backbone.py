@@ -1,5 +1,9 @@
 """SpadeModel: embeddings, the stack of Global/Local layers, the final norm.
 
+Token embeddings: one table (``nn.Embedding``), or adaptive input bands when
+``config.adaptive_cutoffs`` is set (Baevski & Auli 2019, see models/adaptive.py); both are
+scaled by sqrt(d_model).
+
 Position schemes (``config.position``): "none" (SPADE: the SSM carries position, paper Sec. 3),
 "sinusoidal" or "learned" absolute embeddings added to the tokens (the Transformer baselines),
 "t5" / "shaw" relative biases inside attention.
@@ -16,6 +20,7 @@ from torch import nn
 from spadeformer.attention import Attention
 from spadeformer.config import SpadeConfig
 from spadeformer.layers import GlobalLayer, LocalLayer
+from spadeformer.models.adaptive import AdaptiveInput
 from spadeformer.models.io import PretrainedMixin
 from spadeformer.ssm import build_ssm
 
@@ -57,10 +62,18 @@ class SpadeModel(PretrainedMixin, nn.Module):
             raise TypeError(f"config must be a SpadeConfig, got {type(config).__name__}")
         self.config = config
         c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        # fairseq / Vaswani et al.: N(0, d^-1/2) entries, inputs scaled by sqrt(d). Keeps tied
-        # output logits O(1) at initialisation (N(0, 1) entries would give logits of std ~sqrt(d)).
-        nn.init.normal_(self.embed.weight, std=c.d_model ** -0.5)
+        if c.adaptive_cutoffs is not None:
+            # Baevski & Auli adaptive input (the paper's WikiText-103 model, Sec. 4.2); it
+            # initialises itself as fairseq does (band i: N(0, d_i^-1/2), Xavier projections).
+            self.embed = AdaptiveInput(c.vocab_size, c.d_model, c.adaptive_cutoffs,
+                                       c.adaptive_factor)
+        else:
+            self.embed = nn.Embedding(c.vocab_size, c.d_model)
+            # fairseq / Vaswani et al.: N(0, d^-1/2) entries, inputs scaled by sqrt(d). Keeps tied
+            # output logits O(1) at initialisation (N(0, 1) entries would give std ~sqrt(d)).
+            nn.init.normal_(self.embed.weight, std=c.d_model ** -0.5)
+        # sqrt(d) for both kinds: fairseq's decoder scales whatever embed_tokens returns
+        # (adaptive input included) unless --no-scale-embedding, which wiki103 does not set.
         self.embed_scale = math.sqrt(c.d_model)
         if c.position == "learned":
             self.pos_embed = nn.Embedding(c.max_position, c.d_model)
@@ -139,11 +152,13 @@ class SpadeModel(PretrainedMixin, nn.Module):
              state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """One token per row. input_ids_t (batch,) -> hidden (batch, d_model), new state."""
         if input_ids_t.dim() != 1:
-            raise ValueError(f"input_ids_t must have shape (batch,), got {tuple(input_ids_t.shape)}")
+            raise ValueError(
+                f"input_ids_t must have shape (batch,), got {tuple(input_ids_t.shape)}"
+            )
         _check_ids(input_ids_t[:, None], self.config.vocab_size, "input_ids_t")
         x = self._embed(input_ids_t[:, None], start=state["position"])[:, 0]
         new_layers = []
-        for layer, layer_state in zip(self.layers, state["layers"]):
+        for layer, layer_state in zip(self.layers, state["layers"], strict=True):
             x, layer_state = layer.step(x, layer_state)
             new_layers.append(layer_state)
         return self.final_norm(x), {"position": state["position"] + 1, "layers": new_layers}

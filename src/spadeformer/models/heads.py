@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spadeformer.config import SpadeConfig
+from spadeformer.models.adaptive import AdaptiveSoftmax
 from spadeformer.models.backbone import SpadeModel
 from spadeformer.models.io import PretrainedMixin
 from spadeformer.models.outputs import ModelOutput
@@ -34,7 +35,16 @@ def pool(hidden: torch.Tensor, padding_mask: torch.Tensor | None, how: str) -> t
 
 class SpadeForCausalLM(PretrainedMixin, nn.Module):
     """Next-token prediction. ``labels`` are aligned with ``input_ids`` (labels[:, t] is the
-    target at position t, i.e. already shifted); -100 is ignored."""
+    target at position t, i.e. already shifted); -100 is ignored.
+
+    Output layer: a Linear over the vocabulary (tied to the input table when
+    ``tie_embeddings``), or, when ``config.adaptive_cutoffs`` is set, an
+    :class:`~spadeformer.models.adaptive.AdaptiveSoftmax` (tied to the adaptive input's band
+    embeddings and projections when ``tie_embeddings``). With the adaptive softmax the
+    "logits" that ``forward`` and ``step`` return are **log-probabilities** (each row's
+    logsumexp is 0): softmax, argmax, top-k / top-p sampling and cross-entropy on them give
+    the same results as on logits, so generation and evaluation code need not care.
+    """
 
     def __init__(self, config: SpadeConfig):
         super().__init__()
@@ -42,28 +52,63 @@ class SpadeForCausalLM(PretrainedMixin, nn.Module):
             raise ValueError("SpadeForCausalLM needs config.causal=True, got causal=False")
         self.config = config
         self.backbone = SpadeModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.backbone.embed.weight
+        if config.adaptive_cutoffs is not None:
+            self.lm_head = AdaptiveSoftmax(
+                config.d_model, config.vocab_size, config.adaptive_cutoffs,
+                config.adaptive_factor,
+                tie_to=self.backbone.embed if config.tie_embeddings else None,
+                dropout=config.adaptive_dropout)
+        else:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.backbone.embed.weight
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the output layer is an adaptive softmax (logits are log-probabilities)."""
+        return isinstance(self.lm_head, AdaptiveSoftmax)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids (batch, length) -> logits (batch, length, vocab); loss if labels given."""
-        logits = self.lm_head(self.backbone(input_ids, padding_mask=padding_mask))
+                padding_mask: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> ModelOutput:
+        """input_ids (batch, length) -> logits (batch, length, vocab); loss if labels given.
+
+        ``return_logits``: True always fills ``.logits``, False leaves it None (training only
+        needs ``.loss``). The default (None) returns them unless labels are given *and* the
+        output layer is an adaptive softmax: there the loss takes the efficient path that
+        scores each tail band only for its own targets, and the full (batch, length, vocab)
+        log-probabilities would be pure extra cost (267,744 floats per token at the
+        wikitext103 size). With the plain head the loss needs the logits anyway, so they come
+        back for free. The trainer calls ``model(input_ids=..., labels=...)`` and gets the
+        cheap path; pass ``return_logits=True`` to get both.
+        """
+        if return_logits is not None and not isinstance(return_logits, bool):
+            raise ValueError(f"return_logits must be None, True or False, got {return_logits!r}")
+        if return_logits is None:
+            return_logits = labels is None or not self.adaptive
+        hidden = self.backbone(input_ids, padding_mask=padding_mask)  # (batch, length, d)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        logits = None
+        if return_logits or (labels is not None and not self.adaptive):
+            logits = self.lm_head(hidden)  # (batch, length, vocab)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids "
-                                 f"{tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(),
-                                   ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits=logits, loss=loss)
+            if self.adaptive:
+                loss = self.lm_head.loss(hidden.flatten(0, 1), labels.flatten(),
+                                         ignore_index=IGNORE_INDEX)
+            else:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(),
+                                       ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=logits if return_logits else None, loss=loss)
 
     def initial_state(self, batch_size: int) -> dict[str, Any]:
         return self.backbone.initial_state(batch_size)
 
     def step(self, input_ids_t: torch.Tensor, state: dict[str, Any]):
-        """input_ids_t (batch,) -> logits (batch, vocab), new state."""
+        """input_ids_t (batch,) -> logits (batch, vocab) (log-probabilities with the adaptive
+        softmax), new state."""
         hidden, state = self.backbone.step(input_ids_t, state)
         return self.lm_head(hidden), state
 

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 

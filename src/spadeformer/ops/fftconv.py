@@ -48,7 +48,9 @@ def _mask_like(padding_mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
             f"got {tuple(padding_mask.shape)}"
         )
     if padding_mask.dtype != torch.bool:
-        raise TypeError(f"padding_mask must be a bool tensor (True = padded), got {padding_mask.dtype}")
+        raise TypeError(
+            f"padding_mask must be a bool tensor (True = padded), got {padding_mask.dtype}"
+        )
     return padding_mask.view(u.shape[0], *([1] * (u.dim() - 2)), u.shape[-1])
 
 
