@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpadeConfig", "SYSTEMS", "SIZES", "SSM_KINDS", "ATTENTION_PATTERNS"]
+__all__ = ["SpadeConfig", "SYSTEMS", "SIZES", "SSM_KINDS", "ATTENTION_PATTERNS",
+           "adaptive_band_dims"]
 
 SSM_KINDS = ("s4", "s4d", "s5", "hyena", "lstm")
 ATTENTION_PATTERNS = ("full", "window", "chunk", "none")
@@ -37,6 +38,40 @@ def _positive_int(name: str, value: Any) -> None:
 def _probability(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_factor(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+        raise ValueError(f"{name} must be a number >= 1 (each band is that many times narrower "
+                         f"than the one before), got {value!r}")
+
+
+def adaptive_band_dims(vocab_size: int, d_model: int, cutoffs: Any, factor: Any,
+                       names: tuple[str, str] = ("cutoffs", "factor")) -> list[int]:
+    """Validate adaptive input / softmax bands (Baevski & Auli 2019) and return their widths.
+
+    ``cutoffs`` split the vocabulary (ids sorted by frequency) into bands [0, c_0), [c_0, c_1),
+    ..., [c_last, vocab_size); band i is ``int(d_model // factor**i)`` wide (fairseq's rule).
+    ``names`` are the argument names used in error messages (config fields or module args).
+    """
+    cut_name, factor_name = names
+    _check_factor(factor_name, factor)
+    if not isinstance(cutoffs, (list, tuple)) or not cutoffs or any(
+        isinstance(c, bool) or not isinstance(c, int) for c in cutoffs
+    ):
+        raise ValueError(f"{cut_name} must be a non-empty list of integers (e.g. [20000, 60000]), "
+                         f"got {cutoffs!r}")
+    if any(b <= a for a, b in zip(cutoffs, cutoffs[1:], strict=False)):
+        raise ValueError(f"{cut_name} must be strictly increasing, got {list(cutoffs)}")
+    if not 0 < cutoffs[0] or not cutoffs[-1] < vocab_size:
+        raise ValueError(f"{cut_name} must all lie in (0, vocab_size={vocab_size}), "
+                         f"got {list(cutoffs)}")
+    dims = [int(d_model // factor**i) for i in range(len(cutoffs) + 1)]
+    if dims[-1] < 1:
+        raise ValueError(f"{factor_name}={factor!r} with {len(cutoffs)} {cut_name} makes the "
+                         f"last band's width d_model // {factor_name}**{len(cutoffs)} = 0; "
+                         f"use fewer cutoffs or a smaller factor")
+    return dims
 
 
 @dataclass
@@ -72,6 +107,14 @@ class SpadeConfig:
     num_labels: int = 2  # classification / retrieval heads
     pooling: str = "mean"
     pad_token_id: int | None = None
+    # Adaptive input + adaptive softmax (Baevski & Auli 2019; the paper's WikiText-103 model,
+    # Sec. 4.2): None = one plain embedding table; else the vocabulary band boundaries, ids
+    # sorted by frequency. Band i is d_model // adaptive_factor**i wide. With tie_embeddings the
+    # input and output share band embeddings and tail projections (fairseq
+    # --tie-adaptive-weights --tie-adaptive-proj).
+    adaptive_cutoffs: list[int] | None = None
+    adaptive_factor: float = 4.0
+    adaptive_dropout: float = 0.0  # dropout inside the adaptive softmax (fairseq wiki103: 0.2)
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -126,6 +169,14 @@ class SpadeConfig:
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), "
                              f"got {self.pad_token_id}")
+        _probability("adaptive_dropout", self.adaptive_dropout)
+        if isinstance(self.adaptive_cutoffs, (list, tuple)):  # own copy: presets share lists
+            self.adaptive_cutoffs = list(self.adaptive_cutoffs)
+        if self.adaptive_cutoffs is None:  # checked anyway: a bad value must not hide
+            _check_factor("adaptive_factor", self.adaptive_factor)
+        else:
+            adaptive_band_dims(self.vocab_size, self.d_model, self.adaptive_cutoffs,
+                               self.adaptive_factor, names=("adaptive_cutoffs", "adaptive_factor"))
 
     # ---------------------------------------------------------------- derived
     @property
@@ -195,9 +246,13 @@ SIZES: dict[str, dict[str, Any]] = {
     # LRA models stay under 2M parameters (paper Sec. 4.1, Table 10: chunk 128).
     "lra": dict(vocab_size=256, d_model=128, n_layers=6, n_heads=4, d_ff=256, dropout=0.1,
                 window_size=128, chunk_size=128, ssm_defaults={"d_state": 64}),
-    # WikiText-103 (paper Sec. 4.2): 16 layers of the Baevski & Auli model, window 512, frozen S4.
+    # WikiText-103 (paper Sec. 4.2): 16 layers of the Baevski & Auli model, window 512, frozen S4;
+    # tied adaptive input / softmax, cutoffs 20k / 60k, factor 4 (band widths 1024, 256, 64):
+    # ~247M parameters as in fairseq's transformer_lm_wiki103 (a plain table would be 274M alone).
     "wikitext103": dict(vocab_size=267_744, d_model=1024, n_layers=16, n_heads=8, d_ff=4096,
                         dropout=0.3, window_size=512, chunk_size=512,
+                        adaptive_cutoffs=[20_000, 60_000], adaptive_factor=4.0,
+                        adaptive_dropout=0.2,
                         ssm_defaults={"d_state": 64, "trainable": False}),
     # T5-base width (paper Sec. 5.1): post-LN, T5 relative buckets, window 128, frozen S4.
     "t5-base": dict(vocab_size=32_128, d_model=768, n_layers=12, n_heads=12, d_ff=3072,

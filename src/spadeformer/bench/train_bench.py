@@ -1,0 +1,638 @@
+"""Training-step benchmark: time, memory and achieved FLOP/s per model and sequence length.
+
+One *cell* = one (model, length). By default each cell runs in a fresh subprocess
+(``python -m spadeformer.bench.train_bench --cell JSON --result FILE``) so its peak memory is
+its own: on CPU the peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``) minus the same
+process's peak just before the model is built; on CUDA ``max_memory_allocated``. The cell runs
+``warmup`` + ``repeats`` training steps (forward, backward, AdamW step) on random tokens and
+reports the median of the timed ones. A cell that would not finish within ``max_seconds`` of
+wall time (projected from its first step), or that runs out of the memory budget (enforced
+with ``RLIMIT_DATA`` on Linux, so an allocation fails cleanly instead of waking the OOM
+killer), is recorded as skipped; so are the longer lengths of that model.
+
+Models (the paper's Figure 5 systems plus the eager baseline):
+
+* ``transformer-full-eager``: softmax(QK^T / sqrt(d)) V with dense L x L scores, i.e. the
+  paper's full-attention baseline. Built as ``transformer-full`` whose Attention modules are
+  rerouted to :meth:`spadeformer.attention.Attention.forward_ref` (the dense reference path);
+  the library has no runtime switch for it, so the bench sets the instance's ``forward``.
+* ``transformer-full`` (fused SDPA, causal), ``transformer-window``, ``transformer-chunk``,
+  ``s4`` (a stack of trainable S4 blocks), ``spade-s4-window`` and ``spade-s4-chunk`` (frozen
+  S4 in the bottom layer, paper Sec. 4.2).
+
+FLOPs are counted analytically (:func:`train_flops`), see its docstring for the formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MODELS",
+    "REFERENCE_MODEL",
+    "TRAIN_COLUMNS",
+    "BenchShape",
+    "FlopCount",
+    "attention_pairs",
+    "build_model",
+    "matmul_peak",
+    "model_config",
+    "profile_train_step",
+    "run_train_bench",
+    "run_train_cell",
+    "train_flops",
+]
+
+MODELS = (
+    "transformer-full-eager",
+    "transformer-full",
+    "transformer-window",
+    "transformer-chunk",
+    "s4",
+    "spade-s4-window",
+    "spade-s4-chunk",
+)
+REFERENCE_MODEL = "spade-s4-window"
+
+TRAIN_COLUMNS = (
+    "model", "length", "status", "note", "median_s", "min_s", "max_s", "repeats",
+    "first_step_s", "tokens_per_s", "gflop_per_step", "gflops", "pct_of_peak", "peak_mem_mb",
+    "peak_rss_mb", "baseline_rss_mb", "params", "trainable_params", "device", "threads",
+    "batch_size", "d_model", "n_layers", "n_heads", "d_ff", "d_state", "window_size",
+    "chunk_size", "matmul_peak_gflops",
+)
+
+MB = 1024.0 * 1024.0
+
+
+# --------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class BenchShape:
+    """Width / depth / attention sizes shared by every benchmarked model."""
+
+    d_model: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    d_ff: int | None = None  # None = 4 * d_model
+    d_state: int = 64
+    window_size: int = 256
+    chunk_size: int = 256
+    batch_size: int = 1
+    vocab_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is None and name == "d_ff":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads "
+                             f"({self.n_heads})")
+        if self.d_state % 2:
+            raise ValueError(f"d_state must be even (S4 stores conjugate pairs), got "
+                             f"{self.d_state}")
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+
+def check_models(models: list[str], allowed: tuple[str, ...] = MODELS) -> list[str]:
+    bad = [m for m in models if m not in allowed]
+    if bad or not models:
+        raise ValueError(f"models must be a non-empty list from {list(allowed)}, got "
+                         f"{bad or models}")
+    return list(models)
+
+
+def model_config(name: str, shape: BenchShape):
+    """The SpadeConfig of a benchmarked model (dropout 0: the bench times the math only)."""
+    from spadeformer.config import SpadeConfig
+
+    check_models([name])
+    system = "transformer-full" if name == "transformer-full-eager" else name
+    overrides: dict[str, Any] = dict(
+        vocab_size=shape.vocab_size, d_model=shape.d_model, n_layers=shape.n_layers,
+        n_heads=shape.n_heads, d_ff=shape.ff, dropout=0.0, window_size=shape.window_size,
+        chunk_size=shape.chunk_size,
+    )
+    if system == "s4":
+        # The pure S4 baseline trains its SSM; the preset sizes its stack by the size's depth,
+        # so name every layer explicitly for our depth.
+        overrides["global_layers"] = list(range(shape.n_layers))
+        overrides["ssm_options"] = {"d_state": shape.d_state, "trainable": True}
+    elif system.startswith("spade-"):
+        # SPADE freezes S4 at its HiPPO initialisation (paper Sec. 4.2, Eq. 5).
+        overrides["ssm_options"] = {"d_state": shape.d_state, "trainable": False}
+    return SpadeConfig.from_preset(system, "tiny", **overrides)
+
+
+def build_model(name: str, shape: BenchShape):
+    """SpadeForCausalLM for ``name``; the eager model runs Attention.forward_ref (dense)."""
+    from spadeformer.attention import Attention
+    from spadeformer.models.heads import SpadeForCausalLM
+
+    model = SpadeForCausalLM(model_config(name, shape))
+    if name == "transformer-full-eager":
+        for module in model.modules():
+            if isinstance(module, Attention):
+                # instance attribute shadows the class method: nn.Module.__call__ -> forward_ref
+                module.forward = module.forward_ref
+    return model
+
+
+# --------------------------------------------------------------------------------- FLOPs
+def attention_pairs(kind: str, length: int, window_size: int, chunk_size: int) -> int:
+    """(query, key) score pairs one (sequence, head) computes in the forward pass.
+
+    * eager: the dense L x L score matrix (masked entries are computed too);
+    * full (SDPA, causal): the causal triangle L (L + 1) / 2 — fused causal kernels skip the
+      tiles above the diagonal (their tile rounding on the diagonal is not counted);
+    * window: what the blocked kernel of ``ops.local_attn`` computes: queries in blocks of
+      b = min(w, L), each block against b + min(w, L - 1) keys, over ceil(L / b) blocks
+      (the ragged last block is padded and computed too);
+    * chunk: ceil(L / c) causal blocks of c = min(chunk, L): c (c + 1) / 2 pairs each.
+    """
+    L = length
+    if kind == "eager":
+        return L * L
+    if kind == "full":
+        return L * (L + 1) // 2
+    if kind == "window":
+        block, w = min(window_size, L), min(window_size, L - 1)
+        return math.ceil(L / block) * block * (block + w)
+    if kind == "chunk":
+        block = min(chunk_size, L)
+        return math.ceil(L / block) * block * (block + 1) // 2
+    raise ValueError(f"kind must be one of ['eager', 'full', 'window', 'chunk'], got {kind!r}")
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs of one training step's matmuls, split by how backward treats them."""
+
+    trainable_matmul: float  # weights that get gradients: backward = 2x forward (dX, dW)
+    frozen_matmul: float  # frozen weights (frozen S4 output block): backward = 1x (dX only)
+    attention: float  # QK^T and PV: backward = 2x forward (dQ, dK, dP, dV)
+
+    @property
+    def forward(self) -> float:
+        return self.trainable_matmul + self.frozen_matmul + self.attention
+
+    @property
+    def train_step(self) -> float:
+        return 3 * self.trainable_matmul + 2 * self.frozen_matmul + 3 * self.attention
+
+
+def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
+    """Analytic matmul FLOPs of one training step (2 FLOPs per multiply-add).
+
+    Per token, forward, with d = d_model, f = d_ff, V = vocab:
+      attention projections q, k, v, out: 8 d^2;  feed-forward: 4 d f;
+      global layer: concat mix W (2d -> d): 4 d^2;  S4 output linear (d -> d): 2 d^2;
+      LM head (d -> V, tied to the embedding): 2 d V.
+    Per sequence and attention layer: 4 d * pairs (QK^T and PV over all heads), pairs from
+    :func:`attention_pairs`. Training step = 3 x forward, except frozen weights (no dW):
+    2 x forward. Not counted: the S4 FFT convolution and kernel generation, norms,
+    activations, softmax, the optimizer step.
+    """
+    cfg = model_config(name, shape)
+    d, f, V = shape.d_model, shape.ff, shape.vocab_size
+    tokens = shape.batch_size * length
+    kind = "eager" if name == "transformer-full-eager" else cfg.attention
+    trainable = frozen = attention = 0.0
+    ssm_trainable = bool(cfg.ssm_options.get("trainable", True))
+    for layer in cfg.layer_kinds():
+        trainable += 4 * d * f * tokens
+        if cfg.attention != "none":
+            trainable += 8 * d * d * tokens
+            pairs = attention_pairs(kind, length, shape.window_size, shape.chunk_size)
+            attention += 4 * d * pairs * shape.batch_size
+        if layer == "global":
+            out_linear = 2 * d * d * tokens
+            if ssm_trainable:
+                trainable += out_linear
+            else:
+                frozen += out_linear
+            if cfg.attention != "none" and cfg.combine == "concat":
+                trainable += 4 * d * d * tokens
+    trainable += 2 * d * V * tokens
+    return FlopCount(trainable, frozen, attention)
+
+
+# --------------------------------------------------------------------------------- machine
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here")
+    return torch.device(device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MB if sys.platform == "darwin" else peak / 1024.0
+
+
+def current_rss_mb() -> float:
+    """Current resident set (Linux /proc); falls back to the peak elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / MB
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
+def available_memory_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def limit_memory(max_mb: float) -> bool:
+    """Cap this process's data segment at its current size + max_mb (Linux RLIMIT_DATA), so
+    that an oversized allocation raises instead of invoking the OOM killer. True if set."""
+    if max_mb <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        status = Path("/proc/self/status").read_text()
+        vm_data_kb = next(int(ln.split()[1]) for ln in status.splitlines()
+                          if ln.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    soft = int(vm_data_kb * 1024 + max_mb * MB)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    return True
+
+
+def is_oom(err: BaseException) -> bool:
+    """Allocation failures: Python, the CPU / CUDA allocators, and OpenMP failing to map its
+    thread stacks (which count against RLIMIT_DATA)."""
+    text = str(err).lower()
+    markers = ("out of memory", "can't allocate memory", "cannot allocate memory",
+               "thread creation failed", "memoryerror")
+    return isinstance(err, MemoryError) or any(m in text for m in markers)
+
+
+def warm_libraries() -> None:
+    """Touch the lazily initialised parts of torch a training step uses (autograd, GEMM, FFT,
+    SDPA, AdamW) on tiny tensors, so that a memory baseline taken afterwards leaves out their
+    one-off setup (~85 MB of RSS on CPU) and only the model's own memory is counted."""
+    import torch.nn.functional as F
+
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(8, 16, requires_grad=True)
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    loss = lin(x).sum() + F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+    loss = loss + torch.fft.irfft(torch.fft.rfft(x, n=32), n=32).sum()
+    loss.backward()
+    torch.optim.AdamW(lin.parameters()).step()
+
+
+def matmul_peak(size: int = 4096, repeats: int = 5, device: str | torch.device = "cpu"
+                ) -> dict[str, Any]:
+    """fp32 (size x size) @ (size x size) throughput: median GFLOP/s over ``repeats``."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    torch.mm(a, b, out=out)  # warm-up (thread pool, allocator)
+    samples = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync(device)
+        samples.append(2.0 * size**3 / (time.perf_counter() - t0) / 1e9)
+    return {"size": size, "gflops_median": statistics.median(samples),
+            "samples_gflops": [round(s, 3) for s in samples]}
+
+
+# --------------------------------------------------------------------------------- one cell
+def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1,
+                   repeats: int = 3, max_seconds: float = float("inf"),
+                   device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Time ``warmup`` + ``repeats`` training steps of ``name`` on (batch, length) tokens.
+
+    Returns a result dict (status "ok" or "skipped"); stops early, keeping the repeats done
+    so far, when the next step would cross ``max_seconds`` (wall time from this call).
+    """
+    device = torch.device(device)
+    start = time.perf_counter()
+    baseline_rss = peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    cuda_base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    torch.manual_seed(seed)
+    model = build_model(name, shape).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, shape.vocab_size, (shape.batch_size, length), device=device)
+    result: dict[str, Any] = {
+        "params": model.num_parameters(), "trainable_params": model.num_parameters(True),
+        "baseline_rss_mb": baseline_rss, "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    times: list[float] = []
+    total = warmup + repeats
+    for i in range(total):
+        dt = step()
+        if i == 0:
+            result["first_step_s"] = dt
+            left = max_seconds - (time.perf_counter() - start)
+            if dt * warmup > left:  # not even the rest of warm-up + one timed step fits
+                result.update(status="skipped", note=(
+                    f"first step {dt:.0f}s: {warmup + 1} steps would exceed max_seconds"))
+                break
+        if i >= warmup:
+            times.append(dt)
+        if i + 1 < total and time.perf_counter() - start + dt > max_seconds:
+            if not times:
+                result.update(status="skipped", note="time budget spent in warm-up")
+            break
+    if times:
+        result.update(status="ok", note=result.get("note", ""), median_s=statistics.median(times),
+                      min_s=min(times), max_s=max(times), repeats=len(times), times=times)
+        if len(times) < repeats:
+            result["note"] = f"only {len(times)}/{repeats} repeats fit in max_seconds"
+    peak_rss = peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss
+    if device.type == "cuda":
+        result["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - cuda_base) / MB
+    else:
+        result["peak_mem_mb"] = peak_rss - baseline_rss
+    return result
+
+
+# --------------------------------------------------------------------------------- subprocess
+def run_subprocess(module: str, payload: dict[str, Any], timeout: float,
+                   log: Callable[[str], None]) -> dict[str, Any]:
+    """Run ``python -m module --cell JSON --result FILE``; always returns a result dict.
+
+    A child killed by the timeout, by a signal, or failing with an allocation error gives
+    status "skipped" with the reason; any other failure gives status "error". A child may
+    write partial results (key "rows") before it dies; they are returned too.
+    """
+    with tempfile.TemporaryDirectory(prefix="spadeformer-bench-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", module, "--cell", json.dumps(payload),
+               "--result", str(result_path)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            outcome: dict[str, Any] | None = None
+        except subprocess.TimeoutExpired:
+            proc = None
+            outcome = {"status": "skipped", "note": f"timed out after {timeout:.0f}s"}
+        saved = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if proc is not None and proc.returncode == 0 and saved is not None:
+        return saved
+    if outcome is None:
+        err = (proc.stderr or "").strip().splitlines()
+        last = err[-1] if err else ""
+        if proc.returncode < 0:
+            outcome = {"status": "skipped", "note": f"killed by signal {-proc.returncode} "
+                       "(likely out of memory)"}
+        elif any(is_oom(RuntimeError(line)) for line in err[-5:]):
+            outcome = {"status": "skipped", "note": f"out of memory: {last[:160]}"}
+        else:
+            outcome = {"status": "error", "note": f"rc={proc.returncode}: {last[:200]}"}
+            log("\n".join(err[-15:]))
+    if saved is not None and "rows" in saved:
+        outcome["rows"] = saved["rows"]
+    return outcome
+
+
+def _child_main(argv: list[str] | None = None) -> int:
+    """Entry point of a cell subprocess (``python -m spadeformer.bench.train_bench``)."""
+    parser = argparse.ArgumentParser(description="one benchmark cell (internal)")
+    parser.add_argument("--cell", required=True, help="JSON payload")
+    parser.add_argument("--result", required=True, help="where to write the JSON result")
+    args = parser.parse_args(argv)
+    payload = json.loads(args.cell)
+    if payload.get("threads"):
+        torch.set_num_threads(int(payload["threads"]))
+    limit_memory(float(payload.get("max_memory_mb", 0)))
+    shape = BenchShape(**payload["shape"])
+    try:
+        warm_libraries()
+        left = payload["deadline"] - time.time()
+        if payload.get("mode") == "profile":
+            result = {"status": "ok", "text": profile_train_step(
+                payload["model"], shape, payload["length"], device=payload["device"])}
+        else:
+            result = run_train_cell(payload["model"], shape, payload["length"],
+                                    warmup=payload["warmup"], repeats=payload["repeats"],
+                                    max_seconds=left, device=payload["device"])
+    except (MemoryError, RuntimeError) as err:
+        if not is_oom(err):
+            raise
+        result = {"status": "skipped", "note": f"out of memory: {str(err)[:160]}",
+                  "peak_rss_mb": peak_rss_mb()}
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------------- profile
+def profile_train_step(name: str, shape: BenchShape, length: int,
+                       device: str | torch.device = "cpu", row_limit: int = 25) -> str:
+    """torch.profiler tables of one training step (after one warm-up step).
+
+    Returns two tables: operators by self time (forward and backward), and forward time per
+    module (labels ``L{i}.attn``, ``L{i}.ssm``, ``L{i}.ffn``, ``L{i}.mix`` and ``lm_head``,
+    set with record_function in forward hooks: the model code is untouched).
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    device = torch.device(device)
+    model = build_model(name, shape).to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, shape.vocab_size, (shape.batch_size, length), device=device)
+    labels = {"lm_head": model.lm_head}
+    for i, layer in enumerate(model.backbone.layers):
+        for part in ("attn", "ssm", "ffn", "mix_proj"):
+            if getattr(layer, part, None) is not None:
+                labels[f"L{i}.{part.replace('_proj', '')}"] = getattr(layer, part)
+    open_ranges: dict[int, Any] = {}
+    handles = []
+    for label, module in labels.items():
+        def pre(mod, args, _label=label):
+            open_ranges[id(mod)] = record_function(f"fwd:{_label}")
+            open_ranges[id(mod)].__enter__()
+
+        def post(mod, args, out):
+            open_ranges.pop(id(mod)).__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        sync(device)
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+    wall = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = events.table(sort_by=sort, row_limit=row_limit)
+    modules = sorted((e for e in events if e.key.startswith("fwd:")),
+                     key=lambda e: -e.cpu_time_total)
+    lines = [f"# {name}, L={length}, {asdict(shape)}, device {device}",
+             f"# profiled step wall time {wall:.2f}s (profiler overhead included)", "",
+             "## forward time per module (CPU total, includes children)"]
+    lines += [f"{e.key:<18} {e.cpu_time_total / 1e6:9.3f} s" for e in modules]
+    lines += ["", "## operators by self time (forward + backward + optimizer)", ops]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- the run
+def _row(name: str, length: int, shape: BenchShape, result: dict[str, Any], flops: FlopCount,
+         peak_gflops: float | None, device: str) -> dict[str, Any]:
+    row: dict[str, Any] = {c: "" for c in TRAIN_COLUMNS}
+    row.update({k: v for k, v in result.items() if k in row})
+    row.update(model=name, length=length, device=result.get("device", device),
+               batch_size=shape.batch_size, d_model=shape.d_model, n_layers=shape.n_layers,
+               n_heads=shape.n_heads, d_ff=shape.ff, d_state=shape.d_state,
+               window_size=shape.window_size, chunk_size=shape.chunk_size,
+               gflop_per_step=flops.train_step / 1e9, matmul_peak_gflops=peak_gflops or "")
+    if result.get("status") == "ok":
+        row["tokens_per_s"] = shape.batch_size * length / result["median_s"]
+        row["gflops"] = flops.train_step / result["median_s"] / 1e9
+        if peak_gflops:
+            row["pct_of_peak"] = 100.0 * row["gflops"] / peak_gflops
+    return row
+
+
+def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's results over several rounds: median over every timed step of every round,
+    the largest peak memory, the first round's first step."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    if not ok:
+        return results[-1]
+    times = [t for r in ok for t in r.get("times", [r["median_s"]])]
+    merged = dict(ok[0])
+    merged.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                  repeats=len(times), times=times,
+                  peak_mem_mb=max(r["peak_mem_mb"] for r in ok),
+                  peak_rss_mb=max(r["peak_rss_mb"] for r in ok))
+    if len(ok) < len(results):
+        merged["note"] = " ".join(filter(None, [
+            merged.get("note"), f"{len(results) - len(ok)} round(s) skipped: "
+                                f"{results[-1].get('note', '')}"]))
+    return merged
+
+
+def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
+                    warmup: int = 1, repeats: int = 3, rounds: int = 1,
+                    max_seconds: float = 300.0, max_memory_mb: float = 0.0,
+                    device: str = "auto", threads: int = 0, isolate: bool = True,
+                    peak: dict[str, Any] | None = None,
+                    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every (length, model) cell, shortest lengths first; returns the CSV rows.
+
+    ``rounds`` > 1 repeats the whole sweep and reports, per cell, the median over the timed
+    steps of all rounds: on a shared machine a burst of foreign load then hits every model
+    rather than a few consecutive cells. Once a model is skipped at some length, its longer
+    lengths are skipped without running (in later rounds too). ``isolate=False`` runs cells
+    in this process (fast, for tests; memory is then not per cell). ``on_row`` gets the rows
+    so far after every cell (to save partial results).
+    """
+    check_models(models)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    dev = resolve_device(device)
+    peak_gflops = peak["gflops_median"] if peak else None
+    cells = [(length, name) for length in sorted(lengths) for name in models]
+    results: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    dead: dict[str, int] = {}
+
+    def rows_so_far() -> list[dict[str, Any]]:
+        return [_row(name, length, shape, _merge(results[(length, name)]),
+                     train_flops(name, shape, length), peak_gflops, str(dev))
+                for length, name in cells if (length, name) in results]
+
+    for round_ in range(rounds):
+        if rounds > 1:
+            log(f"round {round_ + 1}/{rounds}")
+        for length, name in cells:
+            if name in dead and dead[name] < length:
+                result = {"status": "skipped", "note": f"skipped at L={dead[name]}"}
+            elif dead.get(name) == length:  # this very cell failed in an earlier round
+                continue
+            elif isolate:
+                payload = dict(model=name, length=length, shape=asdict(shape), warmup=warmup,
+                               repeats=repeats, device=str(dev), threads=threads,
+                               max_memory_mb=max_memory_mb,
+                               deadline=time.time() + max_seconds)
+                result = run_subprocess("spadeformer.bench.train_bench", payload,
+                                        timeout=max_seconds + 10, log=log)
+            else:
+                result = run_train_cell(name, shape, length, warmup=warmup, repeats=repeats,
+                                        max_seconds=max_seconds, device=dev)
+                result["note"] = " ".join(filter(None, [result.get("note"),
+                                                        "in-process (memory not isolated)"]))
+            if result.get("status") != "ok":
+                dead[name] = min(dead.get(name, length), length)
+            if round_ > 0 and result.get("status") != "ok" and "skipped at" in result["note"]:
+                continue  # keep the earlier rounds' measurements of this cell
+            results.setdefault((length, name), []).append(result)
+            shown = (f"{result['median_s']:.3f}s  {result['peak_mem_mb']:.0f}MB"
+                     if result.get("status") == "ok"
+                     else f"{result.get('status')}: {result.get('note')}")
+            log(f"  L={length:<6} {name:<24} {shown}")
+            if on_row is not None:
+                on_row(rows_so_far())
+    return rows_so_far()
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised through subprocesses
+    sys.exit(_child_main())

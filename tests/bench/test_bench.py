@@ -1,0 +1,303 @@
+"""The benchmark runs end to end at tiny sizes, and its FLOP formula counts what runs.
+
+No timing or performance assertions: only structure (CSV columns and rows, files), the
+analytic FLOP count (by hand and against the matmuls the models really execute), skipping,
+and the decoding states the generation benchmark builds.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import time
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spadeformer.bench.generate_bench import (
+    GENERATE_COLUMNS,
+    run_generate_model,
+    state_nbytes,
+    state_signature,
+    synthetic_state,
+)
+from spadeformer.bench.generate_bench import _child_main as generate_child_main
+from spadeformer.bench.plots import ratio_table, spade_targets
+from spadeformer.bench.train_bench import (
+    MODELS,
+    TRAIN_COLUMNS,
+    BenchShape,
+    attention_pairs,
+    build_model,
+    run_train_bench,
+    train_flops,
+)
+from spadeformer.cli import main
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--window", "16",
+        "--chunk", "16", "--d-state", "8", "--threads", "1"]
+SHAPE = BenchShape(d_model=32, n_layers=1, n_heads=2, d_state=8, window_size=16, chunk_size=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_bench_train_end_to_end_in_process(tmp_path, capsys):
+    out = tmp_path / "train"
+    rc = main(["bench", "train", "--lengths", "64,128", "--repeats", "1", "--warmup", "0",
+               "--peak-size", "64", "--peak-repeats", "1", "--in-process", "--out", str(out),
+               *TINY])
+    assert rc == 0
+    columns, rows = _read(out / "train.csv")
+    assert tuple(columns) == TRAIN_COLUMNS
+    assert [(r["model"], int(r["length"])) for r in rows] == [
+        (m, n) for n in (64, 128) for m in MODELS]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_s"]) > 0 and float(r["tokens_per_s"]) > 0
+        flop = train_flops(r["model"], SHAPE, int(r["length"])).train_step
+        assert float(r["gflop_per_step"]) == pytest.approx(flop / 1e9, rel=1e-5)
+        assert float(r["gflops"]) == pytest.approx(
+            flop / 1e9 / float(r["median_s"]), rel=1e-4)
+        assert float(r["matmul_peak_gflops"]) > 0 and r["device"] == "cpu"
+    printed = capsys.readouterr().out
+    assert "relative to spade-s4-window" in printed and "| transformer-full-eager |" in printed
+    assert (out / "train_table.md").read_text().strip() == printed.strip()
+    command = (out / "command.txt").read_text()
+    assert command.startswith("spadeformer bench train --lengths 64,128 --models "
+                              + ",".join(MODELS))
+    assert "--in-process" in command and "--d-model 32" in command
+    assert (out / "train.png").is_file() == HAS_MPL
+
+
+def test_bench_train_subprocess_cell_and_memory_skip(tmp_path):
+    out = tmp_path / "sub"
+    assert main(["bench", "train", "--lengths", "64", "--models", "spade-s4-window",
+                 "--repeats", "1", "--peak-size", "64", "--peak-repeats", "1", "--no-plot",
+                 "--out", str(out), *TINY]) == 0
+    _, (row,) = _read(out / "train.csv")
+    assert row["status"] == "ok" and "in-process" not in row["note"]
+    # a fresh process: its peak is measured against its own baseline
+    assert float(row["peak_rss_mb"]) >= float(row["baseline_rss_mb"]) > 0
+    assert float(row["peak_mem_mb"]) == pytest.approx(
+        float(row["peak_rss_mb"]) - float(row["baseline_rss_mb"]), abs=1e-3)
+
+    # a 1 MB budget cannot hold the model: recorded as skipped, the longer length too
+    out = tmp_path / "oom"
+    assert main(["bench", "train", "--lengths", "64,128", "--models", "transformer-full",
+                 "--max-memory-mb", "1", "--peak-size", "64", "--peak-repeats", "1",
+                 "--no-plot", "--out", str(out), *TINY]) == 1
+    _, rows = _read(out / "train.csv")
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert "memory" in rows[0]["note"] and rows[1]["note"] == "skipped at L=64"
+
+
+def test_bench_generate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "gen"
+    rc = main(["bench", "generate", "--contexts", "32,64", "--models",
+               "spade-s4-window,transformer-full", "--tokens", "3", "--warmup", "1",
+               "--state", "stepped", "--in-process", "--out", str(out), *TINY])
+    assert rc == 0
+    columns, rows = _read(out / "generate.csv")
+    assert tuple(columns) == GENERATE_COLUMNS
+    assert [(r["model"], int(r["context"])) for r in rows] == [
+        ("spade-s4-window", 32), ("spade-s4-window", 64),
+        ("transformer-full", 32), ("transformer-full", 64)]
+    assert all(r["status"] == "ok" and r["state_mode"] == "stepped" for r in rows)
+    assert all(int(r["position"]) == int(r["context"]) and int(r["tokens"]) == 3 for r in rows)
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    spade, full = rows[:2], rows[2:]
+    # constant-size SPADE state; the KV cache grows by one slot per token
+    assert spade[0]["state_mb"] == spade[1]["state_mb"]
+    assert float(full[1]["state_mb"]) > float(full[0]["state_mb"])
+    assert "ms per decoded token" in capsys.readouterr().out
+    assert (out / "generate.png").is_file() == HAS_MPL
+    assert (out / "command.txt").read_text().startswith("spadeformer bench generate --contexts")
+
+
+def test_generate_subprocess_entry_point(tmp_path):
+    """What the per-model subprocess runs, called in this process (no memory limit)."""
+    result = tmp_path / "result.json"
+    payload = dict(model="s4", shape=asdict(SHAPE), contexts=[24, 8], tokens=2, warmup=1,
+                   state="auto", device="cpu", threads=1, max_memory_mb=0,
+                   deadline=time.time() + 600)
+    assert generate_child_main(["--cell", json.dumps(payload), "--result", str(result)]) == 0
+    saved = json.loads(result.read_text())
+    assert saved["status"] == "ok"
+    assert [(r["context"], r["state_mode"]) for r in saved["rows"]] == [
+        (8, "stepped"), (24, "stepped")]
+
+
+def test_bad_model_name_is_a_cli_error(tmp_path, capsys):
+    assert main(["bench", "train", "--models", "spade-s4-window,nope", "--out",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "transformer-full-eager" in err
+    assert main(["bench", "generate", "--models", "transformer-full-eager", "--out",
+                 str(tmp_path)]) == 2
+
+
+# ------------------------------------------------------------------------------ FLOPs
+def test_flops_hand_count_tiny():
+    # d=32, d_ff=128, vocab 256, 1 layer, L=64, window 16 (block 16, 4 blocks of 16 + 16 keys)
+    d, f, V, L = 32, 128, 256, 64
+    spade = train_flops("spade-s4-window", SHAPE, L)
+    trainable = (4 * d * f + 8 * d * d + 4 * d * d + 2 * d * V) * L  # ffn, qkvo, mix, head
+    frozen = 2 * d * d * L  # frozen S4 output linear
+    attention = 4 * d * (4 * 16 * 32)
+    assert (spade.trainable_matmul, spade.frozen_matmul, spade.attention) == (
+        trainable, frozen, attention)
+    assert spade.train_step == 3 * trainable + 2 * frozen + 3 * attention == 9_699_328
+
+    eager = train_flops("transformer-full-eager", SHAPE, L)
+    assert eager.train_step == 3 * ((4 * d * f + 8 * d * d + 2 * d * V) * L + 4 * d * L * L)
+    full = train_flops("transformer-full", SHAPE, L)
+    assert full.attention == 4 * d * L * (L + 1) // 2
+
+
+def test_attention_pairs_edge_cases():
+    assert attention_pairs("window", 100, 16, 16) == 7 * 16 * 32  # ragged last block padded
+    assert attention_pairs("window", 10, 16, 16) == 10 * (10 + 9)  # window wider than L
+    assert attention_pairs("chunk", 100, 16, 16) == 7 * 16 * 17 // 2
+    assert attention_pairs("eager", 5, 1, 1) == 25
+    with pytest.raises(ValueError, match="kind must be one of"):
+        attention_pairs("dense", 5, 1, 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_flops_match_the_matmuls_the_model_runs(name, monkeypatch):
+    """Count every F.linear, SDPA call and eager einsum of a real forward pass."""
+    shape = BenchShape(d_model=32, n_layers=2, n_heads=2, d_state=8, window_size=16,
+                       chunk_size=16, batch_size=2)
+    L = 100  # not a multiple of the window / chunk: the padded last block counts
+    model = build_model(name, shape)
+    seen = {"trainable": 0, "frozen": 0, "attention": 0}
+    linear, sdpa, einsum = F.linear, F.scaled_dot_product_attention, torch.einsum
+
+    def count_linear(x, weight, bias=None):
+        kind = "trainable" if weight.requires_grad else "frozen"
+        seen[kind] += 2 * x.numel() * weight.shape[0]
+        return linear(x, weight, bias)
+
+    def count_sdpa(q, k, v, *args, **kwargs):
+        n, lq, lk = q.shape[:-2].numel(), q.shape[-2], k.shape[-2]
+        pairs = lq * (lq + 1) // 2 if kwargs.get("is_causal") else lq * lk
+        seen["attention"] += 2 * 2 * n * pairs * q.shape[-1]
+        return sdpa(q, k, v, *args, **kwargs)
+
+    def count_einsum(eq, *ops):
+        out = einsum(eq, *ops)
+        if eq in ("bhid,bhjd->bhij", "bhij,bhjd->bhid"):  # QK^T and PV of attention_ref
+            seen["attention"] += 2 * out.numel() * ops[0].shape[-1]
+        return out
+
+    monkeypatch.setattr(F, "linear", count_linear)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(torch, "einsum", count_einsum)
+    ids = torch.randint(0, shape.vocab_size, (shape.batch_size, L))
+    model(ids, labels=ids)
+    flops = train_flops(name, shape, L)
+    assert seen == {"trainable": flops.trainable_matmul, "frozen": flops.frozen_matmul,
+                    "attention": flops.attention}
+
+
+# ------------------------------------------------------------------------------ decoding
+@pytest.mark.parametrize("name", ["spade-s4-window", "transformer-full", "transformer-chunk"])
+def test_synthetic_state_has_the_structure_of_a_stepped_state(name):
+    model = build_model(name, SHAPE).eval()
+    state = model.initial_state(2)
+    with torch.inference_mode():
+        for _ in range(40):  # past the window (16 + 1 slots) and two chunk boundaries
+            _, state = model.step(torch.randint(0, 256, (2,)), state)
+    fake = synthetic_state(model, 2, 40)
+    assert state_signature(fake) == state_signature(state)
+    assert state_nbytes(fake) == state_nbytes(state)
+    with torch.inference_mode():
+        logits, fake = model.step(torch.zeros(2, dtype=torch.long), fake)
+    assert torch.isfinite(logits).all() and fake["position"] == 41
+
+
+def test_generate_synthetic_mode_measures_at_the_context():
+    rows = run_generate_model("transformer-full", SHAPE, [48, 16], tokens=2, warmup=1,
+                              state_mode="synthetic")
+    assert [(r["context"], r["position"], r["state_mode"]) for r in rows] == [
+        (16, 16, "synthetic"), (48, 48, "synthetic")]
+    # after warm-up + timed tokens the full cache holds context + 3 slots (k and v, 1 layer)
+    per_slot = 2 * 1 * SHAPE.d_model * 4 / 2**20  # k + v of one token, one layer, fp32
+    assert rows[1]["state_mb"] == pytest.approx(per_slot * (48 + 3))
+    with pytest.raises(ValueError, match="state_mode must be one of"):
+        run_generate_model("s4", SHAPE, [8], state_mode="exact")
+
+
+# ------------------------------------------------------------------------------ tables
+def _fake(model, length, seconds, mb, pct=""):
+    return {"model": model, "length": length, "status": "ok", "median_s": seconds,
+            "peak_mem_mb": mb, "pct_of_peak": pct}
+
+
+def test_ratio_table_and_targets_from_rows():
+    rows = [_fake("spade-s4-window", 2048, 1.0, 100.0, 50.0),
+            _fake("transformer-full", 2048, 2.0, 400.0),
+            _fake("transformer-window", 2048, 0.8, 90.0),
+            _fake("spade-s4-window", 8192, 4.0, 400.0, 40.0),
+            _fake("transformer-full", 8192, 16.0, 1600.0),
+            {"model": "transformer-window", "length": 8192, "status": "skipped",
+             "note": "timed out", "median_s": "", "peak_mem_mb": "", "pct_of_peak": ""}]
+    table = ratio_table(rows)
+    assert "| transformer-full | 2.00x / 4.00x | 4.00x / 4.00x |" in table
+    assert "| transformer-window | 0.80x / 0.90x | skipped |" in table
+    targets = spade_targets(rows, peak_gflops=100.0)
+    assert "| SPADE / full (SDPA) step time, L=8192 | 0.25x | <= 0.50x | yes |" in targets
+    assert "| SPADE / window-only step time, L=2048 | 1.25x | <= 1.10x | no |" in targets
+    assert "L=16384 | not measured" in targets
+    assert "| 50% | >= 45% | yes |" in targets
+
+
+def test_rounds_pool_the_timed_steps_of_every_round():
+    logs = []
+    rows = run_train_bench(["transformer-window"], [32], SHAPE, warmup=0, repeats=2, rounds=2,
+                           isolate=False, device="cpu", log=logs.append)
+    (row,) = rows
+    assert row["status"] == "ok" and row["repeats"] == 4
+    assert row["min_s"] <= row["median_s"] <= row["max_s"]
+    assert sum("round" in line for line in logs) == 2
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        run_train_bench(["s4"], [32], SHAPE, rounds=0, isolate=False)
+
+
+def test_a_later_round_still_measures_the_lengths_below_a_failure(monkeypatch):
+    from spadeformer.bench import train_bench
+
+    calls = []
+
+    def fake_cell(name, shape, length, **kwargs):
+        calls.append(length)
+        if length >= 64:
+            return {"status": "skipped", "note": "out of memory"}
+        return {"status": "ok", "median_s": 1.0, "times": [1.0], "peak_mem_mb": 1.0,
+                "peak_rss_mb": 2.0}
+
+    monkeypatch.setattr(train_bench, "run_train_cell", fake_cell)
+    rows = run_train_bench(["s4"], [32, 64, 128], SHAPE, rounds=2, isolate=False,
+                           device="cpu", log=lambda _: None)
+    assert calls == [32, 64, 32]  # 64 fails once and is not retried, 128 never runs
+    assert [(r["status"], r["repeats"]) for r in rows] == [("ok", 2), ("skipped", ""),
+                                                          ("skipped", "")]
+    assert rows[2]["note"] == "skipped at L=64"
