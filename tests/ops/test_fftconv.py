@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from spadeformer.ops.fftconv import fast_fft_length, fft_conv, fft_conv_ref
+from spadeformer.ops.fftconv import (
+    fast_fft_length,
+    fft_conv,
+    fft_conv_ref,
+    fft_conv_spectrum,
+    kernel_spectrum,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 11, 97, 250, 1000, 4097, 10001])
@@ -58,3 +64,59 @@ def test_fft_conv_rejects_bad_mask():
         fft_conv(u, k, padding_mask=torch.zeros(2, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         fft_conv(u, k, padding_mask=torch.zeros(2, 10))
+
+
+@pytest.mark.parametrize("L", [1, 7, 300])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_constant_spectrum_path_matches_reference_values_and_input_grads(L, bidirectional,
+                                                                          padded):
+    """A spectrum that needs no gradient takes the hand-written backward (correlation with the
+    same kernel); hold values and input gradients to the Toeplitz reference, with u broadcast
+    against the kernel's channel axis as S4 does ((B, 1, H, L) against (C, H, Lk))."""
+    B, C, H = 2, 2, 3
+    u = torch.randn(B, 1, H, L, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(C, H, L, dtype=torch.float64)
+    k_rev = torch.randn(C, H, L, dtype=torch.float64) if bidirectional else None
+    mask = None
+    if padded:
+        mask = torch.zeros(B, L, dtype=torch.bool)
+        mask[1, L // 2 + 1 :] = True
+    n = fast_fft_length(2 * L)
+    k_f = kernel_spectrum(k, n, k_rev)
+    assert not k_f.requires_grad
+    y = fft_conv_spectrum(u, k_f, n, padding_mask=mask)
+    y_ref = fft_conv_ref(u, k, k_rev, padding_mask=mask)
+    assert y.shape == (B, C, H, L)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    w = torch.randn_like(y)
+    (g,) = torch.autograd.grad((y * w).sum(), u)
+    (g_ref,) = torch.autograd.grad((y_ref * w).sum(), u)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_constant_spectrum_path_passes_gradcheck():
+    u = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    k, k_rev = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)
+    n = fast_fft_length(18)
+    k_f = kernel_spectrum(k, n, k_rev)
+    assert torch.autograd.gradcheck(lambda x: fft_conv_spectrum(x, k_f, n), (u,))
+
+
+def test_trainable_spectrum_keeps_autograd_and_matches_fft_conv():
+    u = torch.randn(2, 3, 20, dtype=torch.float64)
+    k = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    n = fast_fft_length(40)
+    y = fft_conv_spectrum(u, kernel_spectrum(k, n), n)
+    torch.testing.assert_close(y, fft_conv(u, k), rtol=1e-12, atol=1e-12)
+    (gk,) = torch.autograd.grad(y.sum(), k)
+    (gk_ref,) = torch.autograd.grad(fft_conv_ref(u, k).sum(), k)
+    torch.testing.assert_close(gk, gk_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_spectrum_length_is_checked():
+    k_f = kernel_spectrum(torch.randn(3, 8), 16)
+    with pytest.raises(ValueError, match=r"k_f must have n // 2 \+ 1 = 9 frequencies for n=16"):
+        fft_conv_spectrum(torch.randn(1, 3, 8), k_f[..., :5], 16)
+    with pytest.raises(ValueError, match="k_reverse must have the same length as k"):
+        kernel_spectrum(torch.randn(3, 8), 16, torch.randn(3, 7))

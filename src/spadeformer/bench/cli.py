@@ -199,7 +199,8 @@ def _machine() -> dict[str, Any]:
 def _setup(args: argparse.Namespace):
     import torch
 
-    from spadeformer.bench.train_bench import BenchShape, available_memory_mb
+    from spadeformer.bench.machine import available_memory_mb
+    from spadeformer.bench.train_bench import BenchShape
 
     for name in ("warmup", "max_seconds", "threads", "batch"):
         value = getattr(args, name)
@@ -236,6 +237,7 @@ def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str) -> None
 # --------------------------------------------------------------------------------- handlers
 def bench_train(args: argparse.Namespace) -> int:
     """Handler of ``spadeformer bench train``; returns the exit code."""
+    from spadeformer.bench import machine as bm
     from spadeformer.bench import plots
     from spadeformer.bench import train_bench as tb
 
@@ -251,11 +253,11 @@ def bench_train(args: argparse.Namespace) -> int:
                              f"got {args.profile!r}")
         profile = (model, int(length))
     shape, mem, out = _setup(args)
-    device = tb.resolve_device(args.device)
+    device = bm.resolve_device(args.device)
     machine = _machine()
     _say(f"bench train: {len(args.models)} models x {len(args.lengths)} lengths, "
          f"shape {shape}, device {device}, memory budget {mem:.0f} MB")
-    peaks = [tb.matmul_peak(args.peak_size, args.peak_repeats, device)]
+    peaks = [bm.matmul_peak(args.peak_size, args.peak_repeats, device)]
     _say(f"matmul peak ({args.peak_size}^2 fp32): {peaks[0]['gflops_median']:.1f} GFLOP/s")
     csv_path = out / "train.csv"
     rows = tb.run_train_bench(
@@ -265,7 +267,7 @@ def bench_train(args: argparse.Namespace) -> int:
         threads=args.threads, isolate=not args.in_process, peak=peaks[0],
         on_row=lambda rs: write_csv(rs, csv_path, tb.TRAIN_COLUMNS), log=_say)
     # the machine may be shared: measure the peak again and use the median of all samples
-    peaks.append(tb.matmul_peak(args.peak_size, args.peak_repeats, device))
+    peaks.append(bm.matmul_peak(args.peak_size, args.peak_repeats, device))
     peak = statistics.median([s for p in peaks for s in p["samples_gflops"]])
     for row in rows:
         row["matmul_peak_gflops"] = peak
@@ -288,7 +290,7 @@ def bench_train(args: argparse.Namespace) -> int:
         payload = dict(mode="profile", model=model, length=length, shape=asdict(shape),
                        device=str(device), threads=args.threads, max_memory_mb=mem,
                        deadline=time.time() + args.max_seconds)
-        res = tb.run_subprocess("spadeformer.bench.train_bench", payload,
+        res = bm.run_subprocess("spadeformer.bench.train_bench", payload,
                                 timeout=args.max_seconds + 10, log=_say)
         path = out / f"profile_{model}_{length}.txt"
         if res.get("status") == "ok":

@@ -37,11 +37,7 @@ from typing import Any
 
 import torch
 
-from spadeformer.bench.train_bench import (
-    MODELS,
-    BenchShape,
-    build_model,
-    check_models,
+from spadeformer.bench.machine import (
     current_rss_mb,
     is_oom,
     limit_memory,
@@ -51,6 +47,7 @@ from spadeformer.bench.train_bench import (
     sync,
     warm_libraries,
 )
+from spadeformer.bench.train_bench import MODELS, BenchShape, build_model, check_models
 
 __all__ = [
     "GENERATE_COLUMNS",

@@ -1,6 +1,12 @@
 """Parameter-free functions: fast kernels and their `_ref` twins."""
 
-from spadeformer.ops.fftconv import fast_fft_length, fft_conv, fft_conv_ref
+from spadeformer.ops.fftconv import (
+    fast_fft_length,
+    fft_conv,
+    fft_conv_ref,
+    fft_conv_spectrum,
+    kernel_spectrum,
+)
 from spadeformer.ops.local_attn import (
     attention_ref,
     chunk_attention,
@@ -31,6 +37,8 @@ __all__ = [
     "fast_fft_length",
     "fft_conv",
     "fft_conv_ref",
+    "fft_conv_spectrum",
+    "kernel_spectrum",
     "full_attention",
     "hippo_legs",
     "hippo_legs_normal",

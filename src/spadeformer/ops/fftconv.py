@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["fft_conv", "fft_conv_ref", "fast_fft_length"]
+__all__ = ["fft_conv", "fft_conv_ref", "fft_conv_spectrum", "fast_fft_length", "kernel_spectrum"]
 
 
 def fast_fft_length(n: int) -> int:
@@ -54,6 +54,73 @@ def _mask_like(padding_mask: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return padding_mask.view(u.shape[0], *([1] * (u.dim() - 2)), u.shape[-1])
 
 
+def kernel_spectrum(k: torch.Tensor, n: int, k_reverse: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The one-sided spectrum (..., n // 2 + 1) of the circular kernel that :func:`fft_conv`
+    applies at FFT length ``n``: ``k`` at lags 0..Lk-1 and, if given, ``k_reverse[j - 1]`` at
+    lag -j (circular index n - j). A constant kernel's spectrum can be computed once and
+    reused with :func:`fft_conv_spectrum` (frozen S4 does)."""
+    Lk = k.shape[-1]
+    if k_reverse is not None and k_reverse.shape[-1] != Lk:
+        raise ValueError(
+            f"k_reverse must have the same length as k ({Lk}), got {k_reverse.shape[-1]}"
+        )
+    k_f = torch.fft.rfft(k, n=n)
+    if k_reverse is not None:
+        k_rev_full = torch.nn.functional.pad(k_reverse.flip(-1), (n - Lk, 0))
+        k_f = k_f + torch.fft.rfft(k_rev_full, n=n)
+    return k_f
+
+
+class _ConstantKernelConv(torch.autograd.Function):
+    """y = irfft(rfft(u, n) * K, n)[..., :L] for a spectrum K that needs no gradient.
+
+    Autograd's own backward of ``rfft`` runs a full complex-to-complex FFT (twice the work of
+    a real one) plus padding copies. Here the gradient is the circular correlation with the
+    same kernel, two real FFTs: grad_u = irfft(rfft(g, n) * conj(K), n)[..., :L]. No
+    wrap-around: n >= L + Lk - 1, so lags that would wrap land on the kernel's zero padding.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.save_for_backward(k_f)
+        ctx.n, ctx.length, ctx.u_shape = n, u.shape[-1], u.shape
+        return torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)[..., : u.shape[-1]]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (k_f,) = ctx.saved_tensors
+        grad_u = torch.fft.irfft(torch.fft.rfft(grad_y, n=ctx.n) * k_f.conj(), n=ctx.n)
+        grad_u = grad_u[..., : ctx.length]
+        # u may have been broadcast against the kernel's leading axes: sum those back.
+        return grad_u.sum_to_size(ctx.u_shape), None, None
+
+
+def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int,
+                      padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`fft_conv` given the kernel's spectrum ``k_f = kernel_spectrum(k, n, k_reverse)``.
+
+    u (batch, ..., L) real, k_f (..., n // 2 + 1) complex with n >= L + Lk - 1 (Lk = the
+    kernel's length) -> (broadcast(batch, ...), L) in u's dtype. A spectrum that needs no
+    gradient takes a cheaper backward (:class:`_ConstantKernelConv`).
+    """
+    L = u.shape[-1]
+    if k_f.shape[-1] != n // 2 + 1:
+        raise ValueError(f"k_f must have n // 2 + 1 = {n // 2 + 1} frequencies for n={n}, "
+                         f"got {k_f.shape[-1]}")
+    keep = None
+    if padding_mask is not None:
+        keep = ~_mask_like(padding_mask, u)
+        u = u * keep
+    if k_f.requires_grad:
+        y = torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)[..., :L]
+    else:
+        y = _ConstantKernelConv.apply(u, k_f, n)
+    if keep is not None:
+        y = y * keep
+    return y.to(u.dtype)
+
+
 def fft_conv(
     u: torch.Tensor,
     k: torch.Tensor,
@@ -69,30 +136,12 @@ def fft_conv(
         k_reverse: optional (..., Lk) kernel for the anti-causal direction (bidirectional).
         padding_mask: optional (batch, L) bool, True at padded positions; padded inputs do not
             contribute and padded outputs are zero.
+
     Returns:
         (broadcast(batch, ...), L) in the dtype of ``u``.
     """
-    L = u.shape[-1]
-    Lk = k.shape[-1]
-    if k_reverse is not None and k_reverse.shape[-1] != Lk:
-        raise ValueError(
-            f"k_reverse must have the same length as k ({Lk}), got {k_reverse.shape[-1]}"
-        )
-    keep = None
-    if padding_mask is not None:
-        keep = ~_mask_like(padding_mask, u)
-        u = u * keep
-    n = fast_fft_length(L + Lk)
-    k_f = torch.fft.rfft(k, n=n)
-    if k_reverse is not None:
-        # k_reverse[j - 1] sits at circular index n - j, i.e. lag -j for j = 1..Lk.
-        k_rev_full = torch.nn.functional.pad(k_reverse.flip(-1), (n - Lk, 0))
-        k_f = k_f + torch.fft.rfft(k_rev_full, n=n)
-    u_f = torch.fft.rfft(u, n=n)
-    y = torch.fft.irfft(u_f * k_f, n=n)[..., :L]
-    if keep is not None:
-        y = y * keep
-    return y.to(u.dtype)
+    n = fast_fft_length(u.shape[-1] + k.shape[-1])
+    return fft_conv_spectrum(u, kernel_spectrum(k, n, k_reverse), n, padding_mask)
 
 
 def fft_conv_ref(

@@ -16,6 +16,7 @@ import math
 
 import torch
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["hippo_legs", "hippo_legs_normal", "hippo_legs_nplr"]
 
@@ -219,8 +220,8 @@ def s4_kernel(
     Memory: frequencies are processed in blocks of `block = max(1, block_elements // (H N))`;
     outside autograd the peak extra memory is about 2 * block_elements complex numbers for the
     Cauchy denominators (H N/2 block each, plus conjugates and reciprocals) plus the
-    (H, 2S + 2, block) sums, regardless of L. Under autograd the reciprocals of every block are
-    saved for backward, so memory is O(H N L) there.
+    (H, 2S + 2, block) sums, regardless of L. Under autograd each block is checkpointed
+    (recomputed in backward), so training keeps only O(H S L) of outputs plus one block.
 
     Args:
         Lambda, P, B: (H, n) complex; diagonal, low-rank factor and input in the eigenbasis.
@@ -273,16 +274,32 @@ def s4_kernel(
     lam_conj = lam.conj()
 
     block = max(1, block_elements // (H * 2 * n))
+    # Under autograd each block is checkpointed: only its (small) inputs are kept and its
+    # Cauchy denominators are recomputed in backward, so training memory stays
+    # O(H N block + H S L) instead of O(H N L) (a trainable S4 at 8k tokens would otherwise
+    # keep gigabytes of reciprocals), for one extra block forward per backward.
+    tracked = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (Lambda, P, B, C, dt))
     pieces = []
     for start in range(0, J, block):
         sl = slice(start, min(J, start + block))
-        a_blk, b_blk = a[sl], b[:, sl]  # (Jb,), (H, Jb)
-        r = torch.reciprocal(a_blk - b_blk[:, None, :] * lam)  # (H, n, Jb)
-        r_conj = torch.reciprocal(a_blk - b_blk[:, None, :] * lam_conj)
-        k = v @ r + v_conj @ r_conj  # (H, 2S + 2, Jb): sums over both pair members
-        k_cb, k_cp, k_pb, k_pp = k[:, :S], k[:, S : 2 * S], k[:, 2 * S], k[:, 2 * S + 1]
-        corr = (b_blk * k_pb / (1 + b_blk * k_pp))[:, None, :]  # Woodbury, rank one
-        pieces.append(k_cb - corr * k_cp)  # (H, S, Jb)
+        args = (a[sl], b[:, sl], lam, lam_conj, v, v_conj, S)
+        if tracked:
+            pieces.append(checkpoint(_cauchy_block, *args, use_reentrant=False))
+        else:
+            pieces.append(_cauchy_block(*args))
     Khat = torch.cat(pieces, dim=-1) * dt.to(cdtype)[:, None, None]
     K = torch.fft.irfft(Khat, n=L)  # (H, S, L)
     return rearrange(K, "h s l -> s h l")
+
+
+def _cauchy_block(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, lam_conj: torch.Tensor,
+                  v: torch.Tensor, v_conj: torch.Tensor, S: int) -> torch.Tensor:
+    """Khat / dt at one block of Jb frequencies (see :func:`s4_kernel`): a (Jb,), b (H, Jb),
+    lam (H, n, 1), v (H, 2S + 2, n) -> (H, S, Jb) complex."""
+    r = torch.reciprocal(a - b[:, None, :] * lam)  # (H, n, Jb)
+    r_conj = torch.reciprocal(a - b[:, None, :] * lam_conj)
+    k = v @ r + v_conj @ r_conj  # (H, 2S + 2, Jb): sums over both pair members
+    k_cb, k_cp, k_pb, k_pp = k[:, :S], k[:, S : 2 * S], k[:, 2 * S], k[:, 2 * S + 1]
+    corr = (b * k_pb / (1 + b * k_pp))[:, None, :]  # Woodbury, rank one
+    return k_cb - corr * k_cp

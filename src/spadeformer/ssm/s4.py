@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from spadeformer.ops.fftconv import fft_conv
+from spadeformer.ops.fftconv import fast_fft_length, fft_conv, fft_conv_spectrum, kernel_spectrum
 from spadeformer.ops.ssm_kernels import (
     discretize_bilinear,
     hippo_legs_nplr,
@@ -62,12 +62,13 @@ class S4(GlobalExtractor):
         bidirectional: add an anti-causal kernel (second set of C), see the module docstring.
         trainable: False freezes every parameter at initialisation (as the paper does for
             WikiText-103 and pre-training). The convolution kernel of a frozen module is then a
-            constant: it is computed once per (length, device, dtype) and cached (up to
-            ``kernel_cache_size`` lengths, least recently used dropped). The cache key also holds
-            the parameters' storage and version counters, so ``load_state_dict`` and
-            ``torch.func.functional_call`` do not see a stale kernel; ``.to()``,
-            ``.double()`` etc. clear it. Edits through ``param.data`` are invisible to the version
-            counters: call :meth:`clear_cache` after those.
+            constant: it and its FFT are computed once per (length, device, dtype) and
+            cached (up to ``kernel_cache_size`` lengths, least recently used dropped), and the
+            convolution's backward then needs no kernel gradient (two real FFTs). The cache
+            key also holds the parameters' storage and version counters, so
+            ``load_state_dict`` and ``torch.func.functional_call`` do not see a stale kernel;
+            ``.to()``, ``.double()`` etc. clear it. Edits through ``param.data`` are invisible
+            to the version counters: call :meth:`clear_cache` after those.
         dt_min, dt_max: step sizes are drawn log-uniformly in [dt_min, dt_max].
         lr: learning rate hint for the SSM parameters (Lambda, P, B, log_dt), stored as
             ``param._optim = {"lr": lr, "weight_decay": 0.0}``; None means "the global ssm_lr"
@@ -205,16 +206,33 @@ class S4(GlobalExtractor):
         check_positive("length", length)
         if not self._cache_allowed():
             return s4_kernel(*self._nplr(), length)
-        key = (length, self.log_dt.device, self._compute_dtype(), self._versions())
+        return self._cached(("kernel", length), lambda: s4_kernel(*self._nplr(), length))
+
+    def _spectrum(self, length: int) -> tuple[torch.Tensor, int]:
+        """Frozen modules only: the FFT of the (forward + reverse) kernel at the FFT length
+        used for ``length`` tokens, cached like the kernel: a frozen global layer then costs
+        two real FFTs forward and two backward per call."""
+        n = fast_fft_length(2 * length)
+
+        def compute() -> torch.Tensor:
+            k = self.kernel(length)
+            if self.bidirectional:
+                return kernel_spectrum(k[: self.channels], n, k[self.channels :])
+            return kernel_spectrum(k, n)
+
+        return self._cached(("spectrum", length), compute), n
+
+    def _cached(self, what: tuple, compute) -> torch.Tensor:
+        key = (*what, self.log_dt.device, self._compute_dtype(), self._versions())
         if key in self._kernel_cache:
             self._kernel_cache.move_to_end(key)
             return self._kernel_cache[key]
         with torch.no_grad():
-            k = s4_kernel(*self._nplr(), length)
-        self._kernel_cache[key] = k
-        while len(self._kernel_cache) > self.kernel_cache_size:
+            value = compute()
+        self._kernel_cache[key] = value
+        while len(self._kernel_cache) > 2 * self.kernel_cache_size:  # kernel + spectrum
             self._kernel_cache.popitem(last=False)
-        return k
+        return value
 
     def clear_cache(self) -> None:
         """Drop cached kernels and recurrent matrices."""
@@ -242,9 +260,14 @@ class S4(GlobalExtractor):
         """
         dtype = self._compute_dtype()
         u = rearrange(u.to(dtype), "b l h -> b 1 h l")
-        k = self.kernel(u.shape[-1])  # (S, H, L)
-        k_fwd, k_rev = (k[: self.channels], k[self.channels :]) if self.bidirectional else (k, None)
-        y = fft_conv(u, k_fwd, k_rev, padding_mask=padding_mask)  # (B, channels, H, L)
+        if self._cache_allowed():  # frozen: the kernel's spectrum is a cached constant
+            k_f, n = self._spectrum(u.shape[-1])
+            y = fft_conv_spectrum(u, k_f, n, padding_mask=padding_mask)  # (B, channels, H, L)
+        else:
+            k = self.kernel(u.shape[-1])  # (S, H, L)
+            k_fwd, k_rev = ((k[: self.channels], k[self.channels :]) if self.bidirectional
+                            else (k, None))
+            y = fft_conv(u, k_fwd, k_rev, padding_mask=padding_mask)  # (B, channels, H, L)
         y = y + self.D.to(dtype)[:, :, None] * u  # skip term D u
         y = rearrange(y, "b c h l -> b l (c h)")
         return self._output(y)
