@@ -208,19 +208,25 @@ class S4(GlobalExtractor):
             return s4_kernel(*self._nplr(), length)
         return self._cached(("kernel", length), lambda: s4_kernel(*self._nplr(), length))
 
-    def _spectrum(self, length: int) -> tuple[torch.Tensor, int]:
+    def _spectrum(self, length: int) -> tuple[torch.Tensor, int, bool]:
         """Frozen modules only: the FFT of the (forward + reverse) kernel at the FFT length
         used for ``length`` tokens, cached like the kernel: a frozen global layer then costs
-        two real FFTs forward and two backward per call."""
+        two real FFTs forward and two backward per call. A frozen skip D is folded in (D u is
+        a convolution with D at lag 0, whose spectrum is D at every frequency). Returns
+        (spectrum, FFT length, whether D is folded in)."""
         n = fast_fft_length(2 * length)
+        fold_d = not self.D.requires_grad
 
         def compute() -> torch.Tensor:
             k = self.kernel(length)
             if self.bidirectional:
-                return kernel_spectrum(k[: self.channels], n, k[self.channels :])
-            return kernel_spectrum(k, n)
+                k_f = kernel_spectrum(k[: self.channels], n, k[self.channels :])
+            else:
+                k_f = kernel_spectrum(k, n)
+            return k_f + self.D.to(k.dtype)[:, :, None] if fold_d else k_f
 
-        return self._cached(("spectrum", length), compute), n
+        d_version = (self.D.data_ptr(), self.D._version) if fold_d else None
+        return self._cached(("spectrum", length, d_version), compute), n, fold_d
 
     def _cached(self, what: tuple, compute) -> torch.Tensor:
         key = (*what, self.log_dt.device, self._compute_dtype(), self._versions())
@@ -261,14 +267,16 @@ class S4(GlobalExtractor):
         dtype = self._compute_dtype()
         u = rearrange(u.to(dtype), "b l h -> b 1 h l")
         if self._cache_allowed():  # frozen: the kernel's spectrum is a cached constant
-            k_f, n = self._spectrum(u.shape[-1])
+            k_f, n, d_folded = self._spectrum(u.shape[-1])
             y = fft_conv_spectrum(u, k_f, n, padding_mask=padding_mask)  # (B, channels, H, L)
         else:
             k = self.kernel(u.shape[-1])  # (S, H, L)
             k_fwd, k_rev = ((k[: self.channels], k[self.channels :]) if self.bidirectional
                             else (k, None))
             y = fft_conv(u, k_fwd, k_rev, padding_mask=padding_mask)  # (B, channels, H, L)
-        y = y + self.D.to(dtype)[:, :, None] * u  # skip term D u
+            d_folded = False
+        if not d_folded:
+            y = y + self.D.to(dtype)[:, :, None] * u  # skip term D u
         y = rearrange(y, "b c h l -> b l (c h)")
         return self._output(y)
 
