@@ -36,7 +36,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     model_section.setdefault("vocab_size", task.vocab_size)
     if task.num_labels is not None:
         model_section.setdefault("num_labels", task.num_labels)
-    model_config = build_model_config(model_section)
+    model_config = _model_config(build_model_config, model_section, task)
     train_section = dict(cfg["train"])
     train_section.setdefault("task", task.objective)
     train_config = TrainConfig.from_dict(train_section)
@@ -59,8 +59,9 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     if main_process:
         _say(f"model: {type(model).__name__}, {model.num_parameters():,} parameters "
              f"({model.num_parameters(trainable_only=True):,} trainable); run dir: {out_dir}")
+    # PadCollate for the LRA sources (pads, adds padding_mask[_1/_2]); None = stack LM blocks.
     trainer = Trainer(model, source.dataset("train"), source.dataset("val"), train_config,
-                      out_dir, resume=resume)
+                      out_dir, resume=resume, collate_fn=source.collate_fn)
     metrics = trainer.fit()
     if trainer.dist.is_main:
         # The run's model = the best validation checkpoint (the last one if never validated).
@@ -69,6 +70,23 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         model.save_pretrained(out_dir / MODEL_DIR)
         _plot_curves(out_dir)
     return metrics
+
+
+def _model_config(build, model_section: dict[str, Any], task):
+    """build(model_section), with a hint when the data's vocabulary cannot hold the adaptive
+    softmax bands of the size (e.g. the wikitext103 size's [20000, 60000] on a small corpus)."""
+    from spadeformer.runconfig import RunConfigError
+
+    try:
+        return build(model_section)
+    except ValueError as err:
+        if "adaptive_cutoffs" not in str(err):
+            raise
+        raise RunConfigError(
+            f"{err}. The data ({task.name}) has a vocabulary of {task.vocab_size} tokens: set "
+            f"model.adaptive_cutoffs to increasing ids below it (e.g. "
+            f"[{max(1, task.vocab_size // 8)}, {max(2, task.vocab_size // 3)}]) or to null for a "
+            "plain softmax") from err
 
 
 def _plot_curves(out_dir: Path) -> None:
@@ -100,13 +118,31 @@ def _load_run(run: str):
 
 def evaluate(run: str, split: str = "test", max_batches: int | None = None,
              batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of a trained run on a split, with the task's baseline for comparison."""
+    """Metrics of a trained run on a split, with the task's baseline for comparison.
+
+    Runs on CUDA when it is available, else on the CPU. A WikiText-103 run reports the
+    paper's evaluation instead of block losses: perplexity ``ppl`` over sliding windows of
+    ``data.eval_seq_len`` (= seq_len, 3072) tokens with a context window of ``data.context``
+    (400), ``loss`` in nats per word, and ``unigram_ppl``. There ``batch_size`` counts windows
+    (default 1: each window's full-vocabulary log-probabilities are held at once) and
+    ``max_batches`` limits the windows scored.
+    """
+    from spadeformer.training.distributed import resolve_device
     from spadeformer.training.trainer import evaluate_model
 
     cfg, source, model = _load_run(run)
+    device = resolve_device("auto")  # a run trained on a GPU can be scored without one
+    model.to(device)
+    if hasattr(source, "perplexity"):  # word-level LM: perplexity, not bits per byte
+        size = batch_size or 1
+        windows = None if max_batches is None else max_batches * size
+        metrics = source.perplexity(model, split, batch_size=size, max_windows=windows,
+                                    device=device)
+        return {"split": split, **metrics, **source.baseline(split)}
     data = source.dataset(split)
     metrics = evaluate_model(model, data, batch_size=batch_size or cfg["train"]["batch_size"],
-                             task=source.task.objective, max_batches=max_batches)
+                             task=source.task.objective, max_batches=max_batches,
+                             collate_fn=source.collate_fn)
     return {"split": split, **metrics, **source.baseline(split)}
 
 
@@ -123,6 +159,10 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
     if source.task.objective != "lm":
         raise ValueError(f"run {run!r} trained a {source.task.name} classifier; "
                          "generate needs a language model run")
+    if model.config.vocab_size != 256:
+        raise ValueError(f"generate reads and writes bytes; run {run!r} is a "
+                         f"{source.task.name} model over {model.config.vocab_size} word ids, "
+                         "which it does not decode")
     prompt_ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
     if prompt_ids.shape[1] == 0:
         raise ValueError("prompt must not be empty")

@@ -24,8 +24,15 @@ __all__ = ["load_run_config", "apply_override", "validate_run_config", "DATA_OPT
 SECTIONS = ("model", "data", "train")
 
 # data.name -> the options it accepts (besides "name").
+# Documented in spadeformer.tasks (one source class per name) and configs/README.md.
 DATA_OPTIONS: dict[str, tuple[str, ...]] = {
     "stdlib": ("seq_len", "root", "max_bytes", "include_tests", "eval_seq_len"),
+    "listops": ("path", "max_length"),
+    "text": ("path", "max_length", "val_fraction", "split_seed"),
+    "retrieval": ("path", "max_length"),
+    "image": ("path", "val_fraction", "split_seed"),
+    "pathfinder": ("path", "size", "split_seed"),
+    "wikitext103": ("path", "seq_len", "eval_seq_len", "context", "vocab_path", "cache_dir"),
 }
 
 
