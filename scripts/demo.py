@@ -14,7 +14,7 @@ from pathlib import Path
 from spadeformer.cli import evaluate, generate_text, train
 
 RUN = Path("runs/demo")
-PROMPT = "def read_config(path):\n    "
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    for name in "
 
 
 def main() -> int:
@@ -33,7 +33,9 @@ def main() -> int:
 
     print(f"[3/3] generating a continuation of {PROMPT!r}:\n", flush=True)
     sys.stdout.write(PROMPT)
-    generate_text(str(RUN), PROMPT, max_new_tokens=300, temperature=0.7, seed=0,
+    # temperature < 0.9 tends to get stuck in long runs of spaces (indentation) with a
+    # model this small
+    generate_text(str(RUN), PROMPT, max_new_tokens=300, temperature=0.9, top_p=0.95, seed=0,
                   stream=sys.stdout)
     print(f"\nrun directory: {RUN}/ (metrics.jsonl, curves.png, model/, checkpoints/); "
           f"total {time.time() - t0:.0f} s")
