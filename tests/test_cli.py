@@ -89,3 +89,26 @@ def test_yaml_exponents_without_dot_are_numbers(tmp_path):
     cfg = load_run_config(path, ["train.weight_decay=1e-2", "model.chunk_size=null"])
     assert cfg["train"]["lr"] == 0.003 and cfg["train"]["weight_decay"] == 0.01
     assert cfg["model"]["chunk_size"] is None and cfg["model"]["preset"] == "s4"
+
+
+def test_same_command_under_torchrun_two_processes(tmp_path, corpus_root):
+    """`torchrun --nproc_per_node 2 -m spadeformer.cli train ...` trains with DDP (gloo) and
+    only rank 0 writes: every (step, split) appears once in metrics.jsonl."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    steps = [a for a in TINY if not a.startswith(("train.steps=", "train.eval_every=",
+                                                 "train.save_every=", "train.log_every="))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "spadeformer.cli", "train", "--out", str(run), f"data.root={corpus_root}",
+           *steps, "train.steps=4", "train.warmup_steps=1", "train.eval_every=2",
+           "train.save_every=2", "train.log_every=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["step"] == 4  # printed once
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["split"]) for r in records]
+    assert len(keys) == len(set(keys)) and (4, "train") in keys and (4, "val") in keys
+    for name in ("model/model.safetensors", "checkpoints/last.json", "run_config.yaml"):
+        assert (run / name).is_file(), name

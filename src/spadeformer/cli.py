@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             metrics = train(args.config, args.overrides, out=args.out, resume=args.resume)
-            print(json.dumps(metrics, indent=2))
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here
+                print(json.dumps(metrics, indent=2))
         elif args.command == "eval":
             print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size),
                              indent=2))
