@@ -64,14 +64,15 @@ def test_step_over_a_sequence_equals_forward(pattern, position_bias):
 @pytest.mark.parametrize("pattern", ["full", "window", "chunk"])
 def test_step_is_differentiable_and_matches_forward_gradients(pattern):
     attn = make(pattern, True, "t5")
-    x = torch.randn(2, 9, D_MODEL)
-    g = torch.randn(2, 9, D_MODEL)
+    L = 20  # past the full cache's first capacity (16): its growth is differentiable too
+    x = torch.randn(2, L, D_MODEL)
+    g = torch.randn(2, L, D_MODEL)
     (attn(x) * g).sum().backward()
     want = [p.grad.clone() for p in attn.parameters()]
     attn.zero_grad()
     cache = attn.initial_cache(2)
     ys = []
-    for t in range(9):
+    for t in range(L):
         y_t, cache = attn.step(x[:, t], cache)
         ys.append(y_t)
     (torch.stack(ys, 1) * g).sum().backward()  # would fail if steps overwrote saved tensors
@@ -111,7 +112,8 @@ def test_chunk_cache_holds_one_chunk_and_full_cache_grows():
             _, c_cache = chunk.step(x[:, t], c_cache)
             _, f_cache = full.step(x[:, t], f_cache)
             assert c_cache.num_slots == 6
-            assert f_cache.num_slots == t + 1
+            # full: capacity doubles (16, 32, ...) and always holds every token seen
+            assert f_cache.position == t + 1 and f_cache.num_slots == (16 if t < 16 else 32)
 
 
 def test_step_and_cache_errors():

@@ -48,8 +48,19 @@ class AttentionCache:
 
     @property
     def num_slots(self) -> int:
-        """Allocated key/value slots (window: window_size + 1, chunk: chunk_size, full: tokens)."""
+        """Allocated key/value slots (window: window_size + 1, chunk: chunk_size, full: a
+        capacity >= the tokens seen, doubled when full)."""
         return self.key.shape[2]
+
+
+def _reserve(buf: torch.Tensor, pos: int) -> torch.Tensor:
+    """A buffer with room for slot ``pos``: ``buf`` itself, or a copy of its first ``pos``
+    slots in one of twice the capacity (at least 16)."""
+    if pos < buf.shape[2]:
+        return buf
+    grown = buf.new_zeros(*buf.shape[:2], max(16, 2 * buf.shape[2], pos + 1), buf.shape[3])
+    grown[:, :, :pos] = buf[:, :, :pos]
+    return grown
 
 
 def _write_slot(buf: torch.Tensor, slot: int, val: torch.Tensor) -> torch.Tensor:
@@ -268,15 +279,18 @@ class Attention(nn.Module):
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         if self.pattern == "full":
-            key = torch.cat([cache.key, k.unsqueeze(2).to(cache.key.dtype)], dim=2)
-            value = torch.cat([cache.value, v.unsqueeze(2).to(cache.value.dtype)], dim=2)
+            # slot p holds position p; the buffer doubles when full (amortised O(1) per token
+            # instead of copying the whole cache every step); attend over the filled part
+            buf_key = _write_slot(_reserve(cache.key, pos), pos, k)
+            buf_value = _write_slot(_reserve(cache.value, pos), pos, v)
+            key, value = buf_key[:, :, : pos + 1], buf_value[:, :, : pos + 1]
             k_pos = torch.arange(pos + 1, device=dev)
-            valid = None  # every slot is a real past token
+            valid = None  # every slot up to pos is a real past token
         else:
             slots = cache.num_slots
             slot = pos % slots
-            key = _write_slot(cache.key, slot, k)
-            value = _write_slot(cache.value, slot, v)
+            key = buf_key = _write_slot(cache.key, slot, k)
+            value = buf_value = _write_slot(cache.value, slot, v)
             s = torch.arange(slots, device=dev)
             if self.pattern == "window":
                 # latest position p <= pos with p = s (mod slots); negative = never written
@@ -300,7 +314,7 @@ class Attention(nn.Module):
         )  # (batch, heads, 1, head_dim); the current token is always visible: no empty row
         # back to the projections' dtype (the cache may be kept in another one)
         y = self.out_proj(rearrange(y, "b h 1 d -> b (h d)").to(v.dtype))
-        return y, AttentionCache(key=key, value=value, position=pos + 1)
+        return y, AttentionCache(key=buf_key, value=buf_value, position=pos + 1)
 
     def extra_repr(self) -> str:
         size = {

@@ -239,9 +239,10 @@ def test_generate_synthetic_mode_measures_at_the_context():
                               state_mode="synthetic")
     assert [(r["context"], r["position"], r["state_mode"]) for r in rows] == [
         (16, 16, "synthetic"), (48, 48, "synthetic")]
-    # after warm-up + timed tokens the full cache holds context + 3 slots (k and v, 1 layer)
+    # after warm-up + timed tokens the full cache holds 48 + 3 tokens in a capacity of 64
+    # (doubling from 16; k and v, 1 layer)
     per_slot = 2 * 1 * SHAPE.d_model * 4 / 2**20  # k + v of one token, one layer, fp32
-    assert rows[1]["state_mb"] == pytest.approx(per_slot * (48 + 3))
+    assert rows[1]["state_mb"] == pytest.approx(per_slot * 64)
     with pytest.raises(ValueError, match="state_mode must be one of"):
         run_generate_model("s4", SHAPE, [8], state_mode="exact")
 

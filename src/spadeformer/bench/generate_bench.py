@@ -78,9 +78,13 @@ def _map_state(obj: Any, position: int, fill: Callable[[torch.Tensor, tuple], to
 
     if isinstance(obj, AttentionCache):
         k = obj.key
-        # a full-attention cache starts empty and grows one slot per token; window and chunk
-        # caches are preallocated ring buffers of fixed size
-        slots = position if obj.num_slots == 0 else obj.num_slots
+        # a full-attention cache starts empty and doubles its capacity (16, 32, ...) when
+        # full; window and chunk caches are preallocated ring buffers of fixed size
+        slots = obj.num_slots
+        if slots == 0 and position > 0:
+            slots = 16
+            while slots < position:
+                slots *= 2
         shape = (*k.shape[:2], slots, k.shape[3])
         return AttentionCache(key=fill(k, shape), value=fill(obj.value, shape), position=position)
     if isinstance(obj, torch.Tensor):
