@@ -53,12 +53,21 @@ class AttentionCache:
         return self.key.shape[2]
 
 
+def full_cache_capacity(tokens: int) -> int:
+    """Slots a full-attention cache has allocated after ``tokens`` decoding steps: none at
+    first, then 16, doubling whenever it is full (amortised O(1) copying per token)."""
+    capacity = 0
+    while capacity < tokens:
+        capacity = max(16, 2 * capacity)
+    return capacity
+
+
 def _reserve(buf: torch.Tensor, pos: int) -> torch.Tensor:
     """A buffer with room for slot ``pos``: ``buf`` itself, or a copy of its first ``pos``
-    slots in one of twice the capacity (at least 16)."""
+    slots in one of :func:`full_cache_capacity` (pos + 1) slots."""
     if pos < buf.shape[2]:
         return buf
-    grown = buf.new_zeros(*buf.shape[:2], max(16, 2 * buf.shape[2], pos + 1), buf.shape[3])
+    grown = buf.new_zeros(*buf.shape[:2], full_cache_capacity(pos + 1), buf.shape[3])
     grown[:, :, :pos] = buf[:, :, :pos]
     return grown
 

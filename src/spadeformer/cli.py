@@ -48,7 +48,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         name = Path(config).stem if config else "run"
         out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir = Path(out)
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes
+    main_process = _is_rank_zero()  # under torchrun only rank 0 writes
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"model": model_config.to_dict(), "data": cfg["data"],
@@ -246,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_rank_zero() -> bool:
+    """True outside torchrun, and on rank 0 under it (RANK is set before the group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     from spadeformer.models.io import ModelLoadError
     from spadeformer.training.trainer import NonFiniteLossError
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             metrics = train(args.config, args.overrides, out=args.out, resume=args.resume)
-            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets here
+            if _is_rank_zero():  # under torchrun every rank gets here
                 print(json.dumps(metrics, indent=2))
         elif args.command == "eval":
             print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size),

@@ -74,17 +74,13 @@ GENERATE_COLUMNS = (
 # --------------------------------------------------------------------------------- states
 def _map_state(obj: Any, position: int, fill: Callable[[torch.Tensor, tuple], torch.Tensor]
                ) -> Any:
-    from spadeformer.attention import AttentionCache
+    from spadeformer.attention import AttentionCache, full_cache_capacity
 
     if isinstance(obj, AttentionCache):
         k = obj.key
-        # a full-attention cache starts empty and doubles its capacity (16, 32, ...) when
-        # full; window and chunk caches are preallocated ring buffers of fixed size
-        slots = obj.num_slots
-        if slots == 0 and position > 0:
-            slots = 16
-            while slots < position:
-                slots *= 2
+        # a full-attention cache starts empty and grows as stepping would grow it; window and
+        # chunk caches are preallocated ring buffers of fixed size
+        slots = obj.num_slots or full_cache_capacity(position)
         shape = (*k.shape[:2], slots, k.shape[3])
         return AttentionCache(key=fill(k, shape), value=fill(obj.value, shape), position=position)
     if isinstance(obj, torch.Tensor):

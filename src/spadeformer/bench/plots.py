@@ -31,6 +31,17 @@ def _series(rows: list[dict[str, Any]], x: str, y: str, model: str,
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _save(plt, fig, path: str | Path, title: str) -> Path:
+    """Title, tight layout, write at 120 dpi and close ``fig``; returns the path."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_train(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Two log-log panels as the paper's Figure 5: step time and peak memory vs length,
     one line per model (skipped cells are left out)."""
@@ -52,13 +63,7 @@ def plot_train(rows: list[dict[str, Any]], path: str | Path, title: str = "") ->
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_generate(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -88,13 +93,7 @@ def plot_generate(rows: list[dict[str, Any]], path: str | Path, title: str = "")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize=8, title="filled: stepped, hollow: synthetic", title_fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 # ------------------------------------------------------------------------------ tables
