@@ -109,6 +109,55 @@ def test_bench_train_subprocess_cell_and_memory_skip(tmp_path):
     assert "memory" in rows[0]["note"] and rows[1]["note"] == "skipped at L=64"
 
 
+def test_bench_train_interleave_memory_per_cell_time_together(tmp_path):
+    """--interleave: each cell's memory from its own one-step subprocess, the timed steps
+    from one process per length that steps the models in turn."""
+    out = tmp_path / "inter"
+    models = "transformer-window,spade-s4-window"
+    assert main(["bench", "train", "--lengths", "64,128", "--models", models, "--interleave",
+                 "--repeats", "2", "--warmup", "1", "--peak-size", "64", "--peak-repeats",
+                 "1", "--no-plot", "--out", str(out), *TINY]) == 0
+    _, rows = _read(out / "train.csv")
+    assert [(r["model"], int(r["length"])) for r in rows] == [
+        (m, n) for n in (64, 128) for m in models.split(",")]
+    for r in rows:
+        assert r["status"] == "ok" and "timed interleaved" in r["note"], r
+        assert int(r["repeats"]) == 2 and float(r["median_s"]) > 0
+        assert float(r["peak_rss_mb"]) >= float(r["baseline_rss_mb"]) > 0
+    assert "--interleave" in (out / "command.txt").read_text()
+
+
+def test_interleaved_cells_rotate_and_respect_budget(monkeypatch):
+    from spadeformer.bench import train_bench
+
+    calls = []
+
+    def fake_step(self):
+        calls.append(self.name)
+        return {"transformer-full": 2.0}.get(self.name, 0.5)
+
+    real_init = train_bench._Trainee.__init__
+
+    def init(self, name, *args, **kwargs):
+        real_init(self, name, *args, **kwargs)
+        self.name = name
+
+    monkeypatch.setattr(train_bench._Trainee, "__init__", init)
+    monkeypatch.setattr(train_bench._Trainee, "step", fake_step)
+    names = ["transformer-window", "transformer-full", "spade-s4-window"]
+    out = train_bench.run_interleaved_cells(names, SHAPE, 32, warmup=1, repeats=3,
+                                            max_seconds=5.0)
+    # warm-up one each in order, then rounds rotated by one; the full model's 2 s steps stop
+    # once another would pass its own 5 s budget (1 warm-up + 1 timed = 4 s, next = 6 s)
+    assert calls[:3] == names
+    assert calls[3:] == [*names, "spade-s4-window", "transformer-window", "spade-s4-window",
+                         "transformer-window"]
+    assert out["transformer-full"]["repeats"] == 1
+    assert "only 1/3 repeats" in out["transformer-full"]["note"]
+    assert out["transformer-window"]["repeats"] == out["spade-s4-window"]["repeats"] == 3
+    assert out["spade-s4-window"]["median_s"] == 0.5
+
+
 def test_bench_generate_end_to_end(tmp_path, capsys):
     out = tmp_path / "gen"
     rc = main(["bench", "generate", "--contexts", "32,64", "--models",

@@ -102,6 +102,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole sweep; per cell, the median over all rounds' steps "
                         "(spreads bursts of foreign load on a shared machine over all models)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time all models of a length together in one process, stepped in "
+                        "turn (steadier ratios on a noisy machine); memory still comes from "
+                        "one step per cell in its own subprocess")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="wall-time budget per cell; over it the cell is recorded as skipped")
     p.add_argument("--peak-size", type=int, default=4096,
@@ -264,7 +268,8 @@ def bench_train(args: argparse.Namespace) -> int:
         args.models, args.lengths, shape, warmup=args.warmup, repeats=args.repeats,
         rounds=args.rounds,
         max_seconds=args.max_seconds, max_memory_mb=mem, device=str(device),
-        threads=args.threads, isolate=not args.in_process, peak=peaks[0],
+        threads=args.threads, isolate=not args.in_process, interleave=args.interleave,
+        peak=peaks[0],
         on_row=lambda rs: write_csv(rs, csv_path, tb.TRAIN_COLUMNS), log=_say)
     # the machine may be shared: measure the peak again and use the median of all samples
     peaks.append(bm.matmul_peak(args.peak_size, args.peak_repeats, device))

@@ -10,6 +10,11 @@ wall time (projected from its first step), or that runs out of the memory budget
 with ``RLIMIT_DATA`` on Linux, so an allocation fails cleanly instead of waking the OOM
 killer), is recorded as skipped; so are the longer lengths of that model.
 
+With ``interleave=True`` (``--interleave``) the timing moves out of the per-cell subprocesses:
+those run two steps only, for memory, and then one process per length steps every model that
+fits in turn (:func:`run_interleaved_cells`), so that the machine's slow spells hit all models
+alike and the ratios between them hold still.
+
 Models (the paper's Figure 5 systems plus the eager baseline):
 
 * ``transformer-full-eager``: softmax(QK^T / sqrt(d)) V with dense L x L scores, i.e. the
@@ -244,6 +249,43 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
 
 
 # --------------------------------------------------------------------------------- one cell
+class _Trainee:
+    """One benchmarked model with its AdamW and a fixed batch of random tokens."""
+
+    def __init__(self, name: str, shape: BenchShape, length: int, device: torch.device,
+                 seed: int = 0):
+        torch.manual_seed(seed)
+        self.model = build_model(name, shape).to(device).train()
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=1e-4)
+        self.ids = torch.randint(0, shape.vocab_size, (shape.batch_size, length),
+                                 device=device)
+        self.device = device
+
+    def info(self) -> dict[str, Any]:
+        return {"params": self.model.num_parameters(),
+                "trainable_params": self.model.num_parameters(True),
+                "threads": torch.get_num_threads(), "device": str(self.device)}
+
+    def step(self) -> float:
+        """One training step (zero_grad, forward, backward, AdamW); returns its seconds."""
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.model(self.ids, labels=self.ids).loss.backward()
+        self.opt.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+def _timed(result: dict[str, Any], times: list[float], repeats: int) -> dict[str, Any]:
+    """Add the timing summary of ``times`` (the timed steps) to ``result``."""
+    result.update(status="ok", note=result.get("note", ""), median_s=statistics.median(times),
+                  min_s=min(times), max_s=max(times), repeats=len(times), times=times)
+    if len(times) < repeats:
+        result["note"] = f"only {len(times)}/{repeats} repeats fit in max_seconds"
+    return result
+
+
 def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1,
                    repeats: int = 3, max_seconds: float = float("inf"),
                    device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
@@ -258,30 +300,12 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cuda_base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    torch.manual_seed(seed)
-    model = build_model(name, shape).to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, shape.vocab_size, (shape.batch_size, length), device=device)
-    result: dict[str, Any] = {
-        "params": model.num_parameters(), "trainable_params": model.num_parameters(True),
-        "baseline_rss_mb": baseline_rss, "threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-
-    def step() -> float:
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        sync(device)
-        return time.perf_counter() - t0
-
+    trainee = _Trainee(name, shape, length, device, seed)
+    result: dict[str, Any] = {**trainee.info(), "baseline_rss_mb": baseline_rss}
     times: list[float] = []
     total = warmup + repeats
     for i in range(total):
-        dt = step()
+        dt = trainee.step()
         if i == 0:
             result["first_step_s"] = dt
             left = max_seconds - (time.perf_counter() - start)
@@ -296,10 +320,7 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
                 result.update(status="skipped", note="time budget spent in warm-up")
             break
     if times:
-        result.update(status="ok", note=result.get("note", ""), median_s=statistics.median(times),
-                      min_s=min(times), max_s=max(times), repeats=len(times), times=times)
-        if len(times) < repeats:
-            result["note"] = f"only {len(times)}/{repeats} repeats fit in max_seconds"
+        _timed(result, times, repeats)
     peak_rss = peak_rss_mb()
     result["peak_rss_mb"] = peak_rss
     if device.type == "cuda":
@@ -307,6 +328,74 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
     else:
         result["peak_mem_mb"] = peak_rss - baseline_rss
     return result
+
+
+def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
+                          warmup: int = 1, repeats: int = 3,
+                          max_seconds: float = float("inf"),
+                          device: str | torch.device = "cpu", seed: int = 0
+                          ) -> dict[str, dict[str, Any]]:
+    """Time every model of ``names`` at one length in this process, stepping them in turn.
+
+    After ``warmup`` steps each, repeat ``repeats`` times: one step of every model, the order
+    rotated by one each time. A slow spell of the machine (foreign load, thermal or memory
+    bandwidth drift) then lands on every model alike, so ratios between models are much
+    steadier than with one model after the other. ``max_seconds`` is each model's own budget
+    (the sum of its steps). Memory is not measured here (the process is shared); a model that
+    runs out of memory is recorded as skipped and the others go on. Returns name -> result.
+    """
+    device = torch.device(device)
+    results: dict[str, dict[str, Any]] = {}
+    trainees: dict[str, _Trainee] = {}
+    spent: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+
+    def step(name: str) -> float | None:
+        try:
+            dt = trainees[name].step()
+        except (MemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            results[name].update(status="skipped", note=f"out of memory: {str(err)[:160]}")
+            del trainees[name]
+            return None
+        spent[name] += dt
+        return dt
+
+    for name in names:
+        try:
+            trainees[name] = _Trainee(name, shape, length, device, seed)
+        except (MemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
+            results[name] = {"status": "skipped", "note": "out of memory while building"}
+            continue
+        results[name] = trainees[name].info()
+        spent[name], times[name] = 0.0, []
+        for i in range(warmup):
+            dt = step(name)
+            if dt is None:
+                break
+            if i == 0:
+                results[name]["first_step_s"] = dt
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if name not in trainees:
+                continue
+            projected = spent[name] + (times[name][-1] if times[name] else 0.0)
+            if times[name] and projected > max_seconds:
+                continue  # this model's budget is spent; keep the repeats it has
+            dt = step(name)
+            if dt is not None:
+                times[name].append(dt)
+                results[name].setdefault("first_step_s", dt)
+    for name, result in results.items():
+        if times.get(name) and result.get("status") != "skipped":
+            _timed(result, times[name], repeats)
+        elif result.get("status") != "skipped":
+            result.update(status="skipped", note="no timed step fit in max_seconds")
+    return results
 
 
 # --------------------------------------------------------------------------------- subprocess
@@ -327,6 +416,11 @@ def _child_main(argv: list[str] | None = None) -> int:
         if payload.get("mode") == "profile":
             result = {"status": "ok", "text": profile_train_step(
                 payload["model"], shape, payload["length"], device=payload["device"])}
+        elif payload.get("mode") == "interleave":
+            result = {"status": "ok", "cells": run_interleaved_cells(
+                payload["models"], shape, payload["length"], warmup=payload["warmup"],
+                repeats=payload["repeats"], max_seconds=payload["max_seconds"],
+                device=payload["device"])}
         else:
             result = run_train_cell(payload["model"], shape, payload["length"],
                                     warmup=payload["warmup"], repeats=payload["repeats"],
@@ -441,7 +535,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                     warmup: int = 1, repeats: int = 3, rounds: int = 1,
                     max_seconds: float = 300.0, max_memory_mb: float = 0.0,
                     device: str = "auto", threads: int = 0, isolate: bool = True,
-                    peak: dict[str, Any] | None = None,
+                    interleave: bool = False, peak: dict[str, Any] | None = None,
                     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (length, model) cell, shortest lengths first; returns the CSV rows.
@@ -452,6 +546,11 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     lengths are skipped without running (in later rounds too). ``isolate=False`` runs cells
     in this process (fast, for tests; memory is then not per cell). ``on_row`` gets the rows
     so far after every cell (to save partial results).
+
+    ``interleave=True`` separates memory from time: each cell first runs two steps alone in a
+    fresh subprocess (its peak memory, and whether it fits), then all models that fit at that
+    length are timed together in one process by :func:`run_interleaved_cells`, stepped in
+    turn, so that drift in the machine's speed cannot favour one model over another.
     """
     check_models(models)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -460,6 +559,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     peak_gflops = peak["gflops_median"] if peak else None
     cells = [(length, name) for length in sorted(lengths) for name in models]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    memory: dict[tuple[int, str], dict[str, Any]] = {}  # interleave: the one-step cells
     dead: dict[str, int] = {}
 
     def rows_so_far() -> list[dict[str, Any]]:
@@ -467,37 +567,82 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                      train_flops(name, shape, length), peak_gflops, str(dev))
                 for length, name in cells if (length, name) in results]
 
+    def one_cell(name: str, length: int, warmup_: int, repeats_: int) -> dict[str, Any]:
+        if not isolate:
+            result = run_train_cell(name, shape, length, warmup=warmup_, repeats=repeats_,
+                                    max_seconds=max_seconds, device=dev)
+            result["note"] = " ".join(filter(None, [result.get("note"),
+                                                    "in-process (memory not isolated)"]))
+            return result
+        payload = dict(model=name, length=length, shape=asdict(shape), warmup=warmup_,
+                       repeats=repeats_, device=str(dev), threads=threads,
+                       max_memory_mb=max_memory_mb, deadline=time.time() + max_seconds)
+        return run_subprocess("spadeformer.bench.train_bench", payload,
+                              timeout=max_seconds + 10, log=log)
+
+    def interleaved(names: list[str], length: int) -> dict[str, dict[str, Any]]:
+        if not isolate:
+            return run_interleaved_cells(names, shape, length, warmup=warmup, repeats=repeats,
+                                         max_seconds=max_seconds, device=dev)
+        payload = dict(mode="interleave", models=names, length=length, shape=asdict(shape),
+                       warmup=warmup, repeats=repeats, device=str(dev), threads=threads,
+                       max_memory_mb=max_memory_mb, max_seconds=max_seconds,
+                       deadline=time.time() + max_seconds * len(names))
+        out = run_subprocess("spadeformer.bench.train_bench", payload,
+                             timeout=max_seconds * len(names) + 30, log=log)
+        return out.get("cells") or {name: dict(out) for name in names}
+
+    def timed_with_memory(name: str, length: int, timing: dict[str, Any]) -> dict[str, Any]:
+        if timing.get("status") != "ok":
+            return timing
+        keys = ("status", "median_s", "min_s", "max_s", "repeats", "times")
+        note = " ".join(filter(None, [timing.get("note"), "timed interleaved"]))
+        return {**memory[(length, name)], **{k: timing[k] for k in keys}, "note": note}
+
+    def record(round_: int, length: int, name: str, result: dict[str, Any]) -> None:
+        if result.get("status") != "ok":
+            dead[name] = min(dead.get(name, length), length)
+        if round_ > 0 and result.get("status") != "ok" and "skipped at" in result["note"]:
+            return  # keep the earlier rounds' measurements of this cell
+        results.setdefault((length, name), []).append(result)
+        shown = (f"{result['median_s']:.3f}s  {result['peak_mem_mb']:.0f}MB"
+                 if result.get("status") == "ok"
+                 else f"{result.get('status')}: {result.get('note')}")
+        log(f"  L={length:<6} {name:<24} {shown}")
+        if on_row is not None:
+            on_row(rows_so_far())
+
     for round_ in range(rounds):
         if rounds > 1:
             log(f"round {round_ + 1}/{rounds}")
-        for length, name in cells:
-            if name in dead and dead[name] < length:
-                result = {"status": "skipped", "note": f"skipped at L={dead[name]}"}
-            elif dead.get(name) == length:  # this very cell failed in an earlier round
-                continue
-            elif isolate:
-                payload = dict(model=name, length=length, shape=asdict(shape), warmup=warmup,
-                               repeats=repeats, device=str(dev), threads=threads,
-                               max_memory_mb=max_memory_mb,
-                               deadline=time.time() + max_seconds)
-                result = run_subprocess("spadeformer.bench.train_bench", payload,
-                                        timeout=max_seconds + 10, log=log)
-            else:
-                result = run_train_cell(name, shape, length, warmup=warmup, repeats=repeats,
-                                        max_seconds=max_seconds, device=dev)
-                result["note"] = " ".join(filter(None, [result.get("note"),
-                                                        "in-process (memory not isolated)"]))
-            if result.get("status") != "ok":
-                dead[name] = min(dead.get(name, length), length)
-            if round_ > 0 and result.get("status") != "ok" and "skipped at" in result["note"]:
-                continue  # keep the earlier rounds' measurements of this cell
-            results.setdefault((length, name), []).append(result)
-            shown = (f"{result['median_s']:.3f}s  {result['peak_mem_mb']:.0f}MB"
-                     if result.get("status") == "ok"
-                     else f"{result.get('status')}: {result.get('note')}")
-            log(f"  L={length:<6} {name:<24} {shown}")
-            if on_row is not None:
-                on_row(rows_so_far())
+        for length in sorted(lengths):
+            runnable = []
+            for name in models:
+                if name in dead and dead[name] < length:
+                    record(round_, length, name,
+                           {"status": "skipped", "note": f"skipped at L={dead[name]}"})
+                elif dead.get(name) == length:  # this very cell failed in an earlier round
+                    continue
+                elif not interleave:
+                    record(round_, length, name, one_cell(name, length, warmup, repeats))
+                elif (length, name) not in memory:  # interleave: memory in the first round
+                    # two steps: the second one's peak includes AdamW's moments
+                    mem = memory[(length, name)] = one_cell(name, length, 1, 1)
+                    first = mem.get("first_step_s", 0.0)
+                    if mem.get("status") == "ok" and first * (warmup + 1) > max_seconds:
+                        mem = {**mem, "status": "skipped", "note": (
+                            f"first step {first:.0f}s: {warmup + 1} steps would exceed "
+                            "max_seconds")}
+                    if mem.get("status") != "ok":
+                        record(round_, length, name, mem)
+                    else:
+                        log(f"  L={length:<6} {name:<24} memory {mem['peak_mem_mb']:.0f}MB")
+                        runnable.append(name)
+                else:
+                    runnable.append(name)
+            if runnable:
+                for name, timing in interleaved(runnable, length).items():
+                    record(round_, length, name, timed_with_memory(name, length, timing))
     return rows_so_far()
 
 

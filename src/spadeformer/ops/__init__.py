@@ -7,6 +7,7 @@ from spadeformer.ops.fftconv import (
     fft_conv_spectrum,
     kernel_spectrum,
 )
+from spadeformer.ops.flex_attn import flex_local_attention
 from spadeformer.ops.local_attn import (
     attention_ref,
     chunk_attention,
@@ -38,6 +39,7 @@ __all__ = [
     "fft_conv",
     "fft_conv_ref",
     "fft_conv_spectrum",
+    "flex_local_attention",
     "kernel_spectrum",
     "full_attention",
     "hippo_legs",

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from spadeformer.ops.flex_attn import flex_local_attention, note_failure, pick_backend
+
 __all__ = [
     "PATTERNS",
     "attention_ref",
@@ -472,12 +474,32 @@ def local_attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: BiasLike | None = None,
     dropout_p: float = 0.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Fast twin of :func:`attention_ref` (same arguments): dispatch on ``pattern``.
 
     q, k: (batch, heads, L, d); v: (batch, heads, L, dv) -> (batch, heads, L, dv).
+
+    ``backend``: "sdpa" = one batched SDPA call over query blocks (every device); "flex" =
+    FlexAttention with a block-sparse mask (:mod:`spadeformer.ops.flex_attn`); "auto" = flex
+    on CUDA when the call is in its scope (no dropout, no query-dependent bias), else SDPA; a
+    failing flex kernel makes auto fall back to SDPA with one warning.
     """
     _check_pattern(pattern, window_size, chunk_size)
+    _check_dropout(dropout_p)
+    if pick_backend(backend, q, bias, dropout_p) == "flex":
+        _check_qkv(q, k, v)
+        _check_kpm(key_padding_mask, q.shape[0], q.shape[2])
+        try:
+            return flex_local_attention(
+                q, k, v, pattern, window_size, chunk_size, causal, key_padding_mask, bias
+            )
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # a compiler / kernel failure: auto keeps working on SDPA
+            if backend == "flex":
+                raise
+            note_failure(err)
     common = dict(causal=causal, key_padding_mask=key_padding_mask, bias=bias, dropout_p=dropout_p)
     if pattern == "window":
         return sliding_window_attention(q, k, v, window_size, **common)
