@@ -147,6 +147,7 @@ class _LRASource:
     """Shared by the LRA classification sources: cached datasets, PadCollate, baselines."""
 
     task: Task
+    LAYOUT: str  # what data.path must hold, for the errors
 
     def __init__(self, options: dict[str, Any]):
         from spadeformer.data.lra_common import PadCollate
@@ -157,6 +158,11 @@ class _LRASource:
 
     def _load(self, split: str):  # pragma: no cover - every subclass overrides it
         raise NotImplementedError
+
+    def _read_max_length_and_path(self, default_max_length: int, hint: str = "") -> None:
+        """``data.max_length`` (an integer >= 1) then ``data.path`` (a folder holding LAYOUT)."""
+        self.max_length = _int_option(self.options, "max_length", default_max_length)
+        self.path = _path_option(self.options, self.task.name, self.LAYOUT, hint)
 
     def dataset(self, split: str):
         _check_split(split)
@@ -217,10 +223,8 @@ class ListOps(_LRASource):
 
     def __init__(self, options: dict[str, Any]):
         super().__init__(options)
-        self.max_length = _int_option(options, "max_length", 2000)
-        self.path = _path_option(options, "listops", self.LAYOUT,
-                                 "LRA release listops-1000/, or `spadeformer data listops "
-                                 "--out DIR`")
+        self._read_max_length_and_path(
+            2000, "LRA release listops-1000/, or `spadeformer data listops --out DIR`")
 
     def _load(self, split: str):
         from spadeformer.data.listops import ListOpsDataset
@@ -237,8 +241,7 @@ class Text(_CarvedValidation):
 
     def __init__(self, options: dict[str, Any]):
         super().__init__(options)
-        self.max_length = _int_option(options, "max_length", 4096)
-        self.path = _path_option(options, "text", self.LAYOUT)
+        self._read_max_length_and_path(4096)
 
     def _release(self, split: str):
         from spadeformer.data.text import imdb
@@ -255,8 +258,7 @@ class Retrieval(_LRASource):
 
     def __init__(self, options: dict[str, Any]):
         super().__init__(options)
-        self.max_length = _int_option(options, "max_length", 4000)
-        self.path = _path_option(options, "retrieval", self.LAYOUT, "LRA release tsv_data/")
+        self._read_max_length_and_path(4000, "LRA release tsv_data/")
 
     def _load(self, split: str):
         from spadeformer.data.retrieval import AANDataset

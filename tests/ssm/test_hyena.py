@@ -9,6 +9,7 @@ while step sums the history directly, and the filter MLP is evaluated one row at
 
 import pytest
 import torch
+from ssm_helpers import run_steps
 from torch.func import functional_call
 
 from spadeformer.ssm.hyena import Hyena, hyena_positional_features
@@ -48,12 +49,8 @@ def test_step_equals_forward(order, K):
     m = small(order=order, short_filter_size=K).eval()
     x = torch.randn(2, 40, D)
     y = m(x)
-    state = m.initial_state(2)
-    ys = []
-    for t in range(x.shape[1]):
-        y_t, state = m.step(x[:, t], state)
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, dim=1), y, **FP32)
+    y_steps, state = run_steps(m, x, m.initial_state(2))
+    torch.testing.assert_close(y_steps, y, **FP32)
     # The state grows with t: the documented O(t) history.
     assert state[1].shape == (2, order - 1, D, 40) and state[2].shape == (order - 1, D, 40)
 

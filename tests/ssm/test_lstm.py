@@ -9,6 +9,7 @@ contractive). float64 gradcheck at its defaults scaled to atol 1e-7.
 
 import pytest
 import torch
+from ssm_helpers import run_steps
 
 from spadeformer.ssm.lstm import LSTMGlobal, suffix_padding_lengths
 
@@ -27,11 +28,8 @@ def test_step_equals_forward(num_layers):
     y = m(x)
     state = m.initial_state(3)
     assert state[0].shape == (num_layers, 3, D)
-    ys = []
-    for t in range(x.shape[1]):
-        y_t, state = m.step(x[:, t], state)
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, dim=1), y, **FP32)
+    y_steps, _ = run_steps(m, x, state)
+    torch.testing.assert_close(y_steps, y, **FP32)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from ssm_helpers import run_steps
 
 from spadeformer.ssm import build_ssm
 
@@ -23,12 +24,8 @@ def test_step_equals_forward(kind):
     ssm = make(kind, bidirectional=False).eval()
     x = torch.randn(2, 23, 6)
     y = ssm(x)
-    state = ssm.initial_state(2)
-    ys = []
-    for t in range(x.shape[1]):
-        y_t, state = ssm.step(x[:, t], state)
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-4, atol=1e-5)
+    y_steps, _ = run_steps(ssm, x, ssm.initial_state(2))
+    torch.testing.assert_close(y_steps, y, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -46,12 +43,38 @@ def test_padding_isolates_real_positions(kind, bidirectional):
     assert torch.all(y1[mask] == 0)
 
 
+# The SSMs whose padding may sit anywhere (LSTMGlobal takes right padding only), with
+# several output channels where the SSM has them.
+ANY_PADDING = [("hyena", {}), ("s4", {"channels": 2}), ("s4d", {"channels": 2}), ("s5", {})]
+
+
+@pytest.mark.parametrize("kind, extra", ANY_PADDING)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_left_and_right_padding_change_nothing(kind, extra, bidirectional):
+    B, L, H = 2, 30, 4
+    ssm = make(kind, d_model=H, bidirectional=bidirectional, **extra)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[0, 22:] = True  # right padding
+    mask[1, :5] = True  # left padding
+    x = torch.randn(B, L, H)
+    x2 = torch.where(mask.unsqueeze(-1), 100 * torch.randn(B, L, H), x)
+    y, y2 = ssm(x, padding_mask=mask), ssm(x2, padding_mask=mask)
+    torch.testing.assert_close(y, y2)
+    assert torch.all(y[mask] == 0)
+    assert torch.all(y[~mask].abs().sum(-1) > 0)
+    # right padding = the unpadded sequence cut short
+    torch.testing.assert_close(y[0, :22], ssm(x[:1, :22])[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_frozen_has_zero_trainable_parameters(kind):
-    ssm = make(kind, bidirectional=False, trainable=False)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_frozen_has_zero_trainable_parameters(kind, bidirectional):
+    ssm = make(kind, bidirectional=bidirectional, trainable=False)
     assert ssm.trainable is False
     assert sum(p.numel() for p in ssm.parameters() if p.requires_grad) == 0
-    assert sum(p.numel() for p in make(kind, bidirectional=False).parameters()
+    assert sum(p.numel() for p in ssm.parameters()) > 0
+    assert not ssm(torch.randn(2, 10, 6)).requires_grad
+    assert sum(p.numel() for p in make(kind, bidirectional=bidirectional).parameters()
                if p.requires_grad) > 0
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from ssm_helpers import assert_hinted
 
 import spadeformer.ssm.s4 as s4_module
 from spadeformer.ops.fftconv import fft_conv_ref
@@ -48,10 +49,7 @@ def test_init_is_hippo_legs_eq5_and_dt_in_range(N):
 
 def test_optimiser_hints_on_ssm_parameters_only():
     m = S4(4, d_state=8, lr=1e-3)
-    hinted = {n for n, p in m.named_parameters() if hasattr(p, "_optim")}
-    assert hinted == {"log_neg_lambda_re", "lambda_im", "P", "B", "log_dt"}
-    for n in hinted:
-        assert getattr(m, n)._optim == {"lr": 1e-3, "weight_decay": 0.0}
+    assert_hinted(m, {"log_neg_lambda_re", "lambda_im", "P", "B", "log_dt"}, 1e-3)
     assert S4(4, d_state=8).log_dt._optim["lr"] is None
     assert getattr(m.double().P, "_optim", None) is not None  # survives dtype casts
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
+from ssm_helpers import assert_hinted, gradcheck_module, run_steps, split_directions
 from torch import nn
-from torch.func import functional_call
 
 import spadeformer.ssm.s4d as s4d_mod
 from spadeformer.ops.fftconv import fft_conv_ref
@@ -102,11 +102,8 @@ def test_initialisations_follow_the_paper():
 
 
 def test_optimiser_hints():
-    m = S4D(4, d_state=8, lr=1e-3, bidirectional=True)
-    hinted = {name for name, p in m.named_parameters() if hasattr(p, "_optim")}
-    assert hinted == {"log_A_real", "A_imag", "B", "log_dt"}
-    for name in hinted:
-        assert getattr(m, name)._optim == {"lr": 1e-3, "weight_decay": 0.0}
+    assert_hinted(S4D(4, d_state=8, lr=1e-3, bidirectional=True),
+                  {"log_A_real", "A_imag", "B", "log_dt"}, 1e-3)
     assert S4D(4, d_state=8).log_dt._optim == {"lr": None, "weight_decay": 0.0}
 
 
@@ -120,11 +117,8 @@ def test_step_matches_forward_fp32(discretization):
     y = m(x)
     state = m.initial_state(B)
     assert state.shape == (B, H, 8)
-    ys = []
-    for t in range(L):
-        y_t, state = m.step(x[:, t], state)
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-4, atol=1e-5)
+    y_steps, _ = run_steps(m, x, state)
+    torch.testing.assert_close(y_steps, y, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels", [1, 2])
@@ -138,14 +132,7 @@ def test_bidirectional_decomposition(channels):
     bi = identity_block(S4D(H, d_state=8, channels=channels, bidirectional=True)).double()
     fwd = identity_block(S4D(H, d_state=8, channels=channels)).double()
     rev = identity_block(S4D(H, d_state=8, channels=channels)).double()
-    with torch.no_grad():
-        for part in (fwd, rev):
-            for name in ("log_A_real", "A_imag", "B", "log_dt"):
-                getattr(part, name).copy_(getattr(bi, name))
-        fwd.C.copy_(bi.C)
-        fwd.D.copy_(bi.D)
-        rev.C.copy_(bi.C_reverse)
-        rev.D.zero_()
+    split_directions(bi, fwd, rev, ("log_A_real", "A_imag", "B", "log_dt"))
     u = torch.randn(B, L, H, dtype=torch.float64)
     y = bi._forward(u, None)
     w = rev._forward(u.flip(1), None).flip(1)  # w[t] = reverse SSM over tokens s >= t
@@ -166,29 +153,6 @@ def test_bidirectional_sees_the_future_and_causal_does_not():
     causal, bi = S4D(H, d_state=8), S4D(H, d_state=8, bidirectional=True)
     torch.testing.assert_close(causal(u)[:, :15], causal(u2)[:, :15])
     assert (bi(u)[:, :15] - bi(u2)[:, :15]).abs().max() > 1e-4
-
-
-class Float64Forward(nn.Module):
-    """forward() runs the SSM in fp32 by design; gradcheck needs the float64 _forward."""
-
-    def __init__(self, m: nn.Module):
-        super().__init__()
-        self.m = m
-
-    def forward(self, u):
-        return self.m._forward(u, None)
-
-
-def gradcheck_module(m: nn.Module, u: torch.Tensor) -> bool:
-    """gradcheck w.r.t. the input and every parameter of m (float64)."""
-    wrapper = Float64Forward(m.double())
-    names = [n for n, _ in wrapper.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in wrapper.parameters()]
-
-    def f(u, *ps):
-        return functional_call(wrapper, dict(zip(names, ps, strict=True)), (u,), strict=True)
-
-    return torch.autograd.gradcheck(f, (u.requires_grad_(), *params), fast_mode=True)
 
 
 @pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
@@ -243,23 +207,6 @@ def test_frozen_has_no_trainable_parameters_and_caches_kernel(monkeypatch):
     t(x10)
     t(x10)
     assert calls == [10, 10]
-
-
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_padding_values_change_nothing(bidirectional):
-    B, L, H = 2, 30, 4
-    m = S4D(H, d_state=8, channels=2, bidirectional=bidirectional)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    mask[0, 22:] = True  # right padding
-    mask[1, :5] = True  # left padding
-    x = torch.randn(B, L, H)
-    x2 = torch.where(mask.unsqueeze(-1), 100 * torch.randn(B, L, H), x)
-    y, y2 = m(x, padding_mask=mask), m(x2, padding_mask=mask)
-    torch.testing.assert_close(y, y2)
-    assert torch.all(y[mask] == 0)
-    assert torch.all(y[~mask].abs().sum(-1) > 0)
-    # right padding = the unpadded sequence cut short
-    torch.testing.assert_close(y[0, :22], m(x[:1, :22])[0], rtol=1e-4, atol=1e-5)
 
 
 def test_autocast_and_dtype():

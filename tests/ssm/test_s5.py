@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
+from ssm_helpers import assert_hinted, gradcheck_module, run_steps, split_directions
 from torch import nn
-from torch.func import functional_call
 
 import spadeformer.ssm.s5 as s5_mod
 from spadeformer.ops.ssm_kernels import hippo_legs_normal
@@ -83,11 +83,8 @@ def test_hippo_n_initialisation(blocks):
 
 
 def test_optimiser_hints():
-    m = S5(4, d_state=8, lr=2e-3, bidirectional=True)
-    hinted = {name for name, p in m.named_parameters() if hasattr(p, "_optim")}
-    assert hinted == {"log_Lambda_real", "Lambda_imag", "B", "log_dt"}
-    for name in hinted:
-        assert getattr(m, name)._optim == {"lr": 2e-3, "weight_decay": 0.0}
+    assert_hinted(S5(4, d_state=8, lr=2e-3, bidirectional=True),
+                  {"log_Lambda_real", "Lambda_imag", "B", "log_dt"}, 2e-3)
 
 
 def test_step_matches_forward_fp32():
@@ -99,11 +96,8 @@ def test_step_matches_forward_fp32():
     y = m(x)
     state = m.initial_state(B)
     assert state.shape == (B, 8) and state.is_complex()
-    ys = []
-    for t in range(L):
-        y_t, state = m.step(x[:, t], state)
-        ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-4, atol=1e-5)
+    y_steps, _ = run_steps(m, x, state)
+    torch.testing.assert_close(y_steps, y, rtol=1e-4, atol=1e-5)
 
 
 def test_bidirectional_decomposition():
@@ -113,14 +107,7 @@ def test_bidirectional_decomposition():
     bi = identity_block(S5(H, d_state=8, bidirectional=True)).double()
     fwd = identity_block(S5(H, d_state=8)).double()
     rev = identity_block(S5(H, d_state=8)).double()
-    with torch.no_grad():
-        for part in (fwd, rev):
-            for name in ("log_Lambda_real", "Lambda_imag", "B", "log_dt"):
-                getattr(part, name).copy_(getattr(bi, name))
-        fwd.C.copy_(bi.C)
-        fwd.D.copy_(bi.D)
-        rev.C.copy_(bi.C_reverse)
-        rev.D.zero_()
+    split_directions(bi, fwd, rev, ("log_Lambda_real", "Lambda_imag", "B", "log_dt"))
     u = torch.randn(B, L, H, dtype=torch.float64)
     expected = fwd._forward(u, None) + rev._forward(u.flip(1), None).flip(1)
     torch.testing.assert_close(bi._forward(u, None), expected, rtol=1e-10, atol=1e-10)
@@ -138,52 +125,10 @@ def test_bidirectional_decomposition():
     assert (bi._forward(u3, None)[:, t] - bi._forward(u, None)[:, t]).abs().max() > 1e-3
 
 
-class Float64Forward(nn.Module):
-    """forward() runs the SSM in fp32 by design; gradcheck needs the float64 _forward."""
-
-    def __init__(self, m: nn.Module):
-        super().__init__()
-        self.m = m
-
-    def forward(self, u):
-        return self.m._forward(u, None)
-
-
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_gradcheck_float64(bidirectional):
-    wrapper = Float64Forward(S5(2, d_state=4, bidirectional=bidirectional).double())
-    names = [n for n, _ in wrapper.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for p in wrapper.parameters()]
-    u = torch.randn(1, 6, 2, dtype=torch.float64, requires_grad=True)
-
-    def f(u, *ps):
-        return functional_call(wrapper, dict(zip(names, ps, strict=True)), (u,), strict=True)
-
-    assert torch.autograd.gradcheck(f, (u, *params), fast_mode=True)
-
-
-def test_frozen_has_no_trainable_parameters():
-    m = S5(4, d_state=8, trainable=False, bidirectional=True)
-    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 0
-    assert sum(p.numel() for p in m.parameters()) > 0
-    y = m(torch.randn(2, 10, 4))
-    assert not y.requires_grad
-
-
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_padding_values_change_nothing(bidirectional):
-    B, L, H = 2, 30, 4
-    m = S5(H, d_state=8, bidirectional=bidirectional)
-    mask = torch.zeros(B, L, dtype=torch.bool)
-    mask[0, 22:] = True
-    mask[1, :5] = True
-    x = torch.randn(B, L, H)
-    x2 = torch.where(mask.unsqueeze(-1), 100 * torch.randn(B, L, H), x)
-    y, y2 = m(x, padding_mask=mask), m(x2, padding_mask=mask)
-    torch.testing.assert_close(y, y2)
-    assert torch.all(y[mask] == 0)
-    assert torch.all(y[~mask].abs().sum(-1) > 0)
-    torch.testing.assert_close(y[0, :22], m(x[:1, :22])[0], rtol=1e-4, atol=1e-5)
+    m = S5(2, d_state=4, bidirectional=bidirectional)
+    assert gradcheck_module(m, torch.randn(1, 6, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -113,13 +113,19 @@ def test_state_is_read_with_weights_only(tmp_path):
         mgr.load(TinyLM())
 
 
-def test_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
+def _saved_at_step_3_then_changed(tmp_path):
+    """A manager holding step 3, the model changed since, and the step-3 weights (`good`)."""
     mgr = CheckpointManager(tmp_path / "ck")
     model = TinyLM()
     good = _params(model)
     mgr.save(model, _state(3), 3)
     with torch.no_grad():
         model.embed.weight.mul_(-1)
+    return mgr, model, good
+
+
+def test_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    mgr, model, good = _saved_at_step_3_then_changed(tmp_path)
 
     real = safetensors.torch.save_file
 
@@ -143,12 +149,7 @@ def test_crash_while_writing_weights_keeps_previous_checkpoint(tmp_path, monkeyp
 
 
 def test_crash_while_writing_state_or_pointer_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    mgr = CheckpointManager(tmp_path / "ck")
-    model = TinyLM()
-    good = _params(model)
-    mgr.save(model, _state(3), 3)
-    with torch.no_grad():
-        model.embed.weight.mul_(-1)
+    mgr, model, good = _saved_at_step_3_then_changed(tmp_path)
 
     real_save = torch.save
 

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from spadeformer.data.lra_common import (
     CorruptFileError,
+    classification_item,
     import_pil,
     require_dir,
     require_file,
@@ -145,10 +146,7 @@ class Cifar10GrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": torch.from_numpy(self.pixels[i].astype(np.int64)),
-            "labels": torch.tensor(int(self.labels[i])),
-        }
+        return classification_item(self.pixels[i], self.labels[i])
 
 
 _PF_LAYOUT = (
@@ -259,7 +257,4 @@ class PathfinderDataset(Dataset):
                 f"{self.root / self.paths[i]}: image is {arr.shape[1]}x{arr.shape[0]}, "
                 f"expected {self.size}x{self.size}"
             )
-        return {
-            "input_ids": torch.from_numpy(arr.reshape(-1).astype(np.int64)),  # raster order
-            "labels": torch.tensor(int(self.labels[i])),
-        }
+        return classification_item(arr.reshape(-1), self.labels[i])  # raster order

@@ -51,7 +51,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from spadeformer.data.lra_common import CorruptFileError, RaggedArray, require_file
+from spadeformer.data.lra_common import (
+    CorruptFileError,
+    RaggedArray,
+    classification_item,
+    require_file,
+)
 
 __all__ = [
     "OPERATORS",
@@ -384,7 +389,4 @@ class ListOpsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": torch.from_numpy(self.sequences[i].astype(np.int64)),
-            "labels": torch.tensor(int(self.labels[i])),
-        }
+        return classification_item(self.sequences[i], self.labels[i])

@@ -39,6 +39,7 @@ __all__ = [
     "PadCollate",
     "RaggedArray",
     "bytes_to_ids",
+    "classification_item",
     "import_pil",
     "pad_sequences",
     "require_dir",
@@ -57,22 +58,26 @@ class CorruptFileError(ValueError):
     """A dataset file exists but its content is not in the expected release format."""
 
 
-def require_file(path: str | os.PathLike, layout: str) -> Path:
-    """Return ``Path(path)`` or raise FileNotFoundError naming it and the expected ``layout``."""
+def _require(path: str | os.PathLike, layout: str, kind: str) -> Path:
+    """``Path(path)`` if it is a ``kind`` ("file" or "directory"), else FileNotFoundError
+    naming the path, what it is instead and the expected ``layout``."""
     p = Path(path)
-    if not p.is_file():
-        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+    is_kind = {"file": p.is_file, "directory": p.is_dir}
+    if not is_kind[kind]():
+        other = "directory" if kind == "file" else "file"
+        what = f"is a {other}, not a {kind}" if is_kind[other]() else "does not exist"
         raise FileNotFoundError(f"{p} {what}; expected layout: {layout}")
     return p
+
+
+def require_file(path: str | os.PathLike, layout: str) -> Path:
+    """Return ``Path(path)`` or raise FileNotFoundError naming it and the expected ``layout``."""
+    return _require(path, layout, "file")
 
 
 def require_dir(path: str | os.PathLike, layout: str) -> Path:
     """Return ``Path(path)`` or raise FileNotFoundError naming it and the expected ``layout``."""
-    p = Path(path)
-    if not p.is_dir():
-        what = "is a file, not a directory" if p.is_file() else "does not exist"
-        raise FileNotFoundError(f"{p} {what}; expected layout: {layout}")
-    return p
+    return _require(path, layout, "directory")
 
 
 def import_pil():
@@ -85,6 +90,15 @@ def import_pil():
             "pip install spadeformer[data]  (or: pip install pillow)"
         ) from e
     return Image
+
+
+def classification_item(ids: np.ndarray, label: Any) -> dict[str, torch.Tensor]:
+    """One classification example: ids (L,) of any integer dtype and an integer label ->
+    ``{"input_ids": LongTensor (L,), "labels": LongTensor ()}``."""
+    return {
+        "input_ids": torch.from_numpy(ids.astype(np.int64)),
+        "labels": torch.tensor(int(label)),
+    }
 
 
 def bytes_to_ids(data: bytes, max_length: int | None = None) -> np.ndarray:

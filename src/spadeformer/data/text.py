@@ -32,6 +32,7 @@ from spadeformer.data.lra_common import (
     CorruptFileError,
     RaggedArray,
     bytes_to_ids,
+    classification_item,
     require_dir,
 )
 
@@ -102,10 +103,7 @@ class ByteTextClassificationDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": torch.from_numpy(self.sequences[i].astype(np.int64)),
-            "labels": torch.tensor(int(self.labels[i])),
-        }
+        return classification_item(self.sequences[i], self.labels[i])
 
 
 def imdb(root: str | os.PathLike, split: str = "train",

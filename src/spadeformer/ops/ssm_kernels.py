@@ -127,9 +127,10 @@ def discretize_bilinear(
     dt = torch.as_tensor(dt, dtype=A.real.dtype, device=A.device)
     eye = torch.eye(N, dtype=A.dtype, device=A.device)
     half = (dt / 2)[..., None, None]
-    lhs = eye - half * A
-    Abar = torch.linalg.solve(lhs, eye + half * A)
-    Bbar = torch.linalg.solve(lhs, (dt[..., None] * B).unsqueeze(-1)).squeeze(-1)
+    # Both results solve with the same matrix: factor it once, then two cheap triangular solves.
+    lu, pivots = torch.linalg.lu_factor(eye - half * A)
+    Abar = torch.linalg.lu_solve(lu, pivots, eye + half * A)
+    Bbar = torch.linalg.lu_solve(lu, pivots, (dt[..., None] * B).unsqueeze(-1)).squeeze(-1)
     return Abar, Bbar
 
 

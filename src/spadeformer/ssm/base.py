@@ -22,9 +22,13 @@ from torch import nn
 
 __all__ = [
     "GlobalExtractor",
+    "check_dropout",
+    "check_dt_range",
+    "check_lr",
     "check_padding_mask",
     "check_positive",
     "check_sequence",
+    "check_state_size",
     "fp32_region",
 ]
 
@@ -35,6 +39,39 @@ def check_positive(name: str, value: Any, *, allow_float: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
         kind = "number" if allow_float else "integer"
         raise ValueError(f"{name} must be a positive {kind}, got {value!r}")
+
+
+def check_state_size(d_state: Any, multiple_of: int, error: str) -> None:
+    """d_state must be a positive integer divisible by ``multiple_of``.
+
+    ``error`` is the message for a d_state that does not divide, formatted with ``d_state``:
+    each SSM says in its own words why (how it stores conjugate pairs).
+    """
+    check_positive("d_state", d_state)
+    if d_state % multiple_of:
+        raise ValueError(error.format(d_state=d_state))
+
+
+def check_dt_range(dt_min: Any, dt_max: Any) -> None:
+    """0 < dt_min <= dt_max, both numbers."""
+    check_positive("dt_min", dt_min, allow_float=True)
+    check_positive("dt_max", dt_max, allow_float=True)
+    if dt_min > dt_max:
+        raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min!r} > dt_max={dt_max!r}")
+
+
+def check_lr(lr: Any) -> None:
+    """None (use the optimiser's SSM learning rate) or a positive number."""
+    if lr is not None:
+        check_positive("lr", lr, allow_float=True)
+
+
+def check_dropout(dropout: Any) -> None:
+    """A number in [0, 1) (bools are refused: True is not a probability)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
+        0.0 <= dropout < 1.0
+    ):
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
 
 def check_sequence(x: Any, d_model: int, name: str = "x") -> None:

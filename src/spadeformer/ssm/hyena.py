@@ -49,7 +49,7 @@ from einops import rearrange
 from torch import nn
 
 from spadeformer.ops.fftconv import fft_conv, fft_conv_ref
-from spadeformer.ssm.base import GlobalExtractor, check_positive
+from spadeformer.ssm.base import GlobalExtractor, check_dropout, check_lr, check_positive
 
 __all__ = ["Hyena", "hyena_positional_features", "DEFAULT_TIME_SCALE"]
 
@@ -61,14 +61,19 @@ _INNER_MLP_LAYERS = 2  # hidden Linear+Sin blocks after the first, as the refere
 _MAX_CACHED_LENGTHS = 16
 
 
+def _check_emb_dim(emb_dim: Any) -> None:
+    """One time feature plus cos/sin pairs: an odd integer >= 3."""
+    if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim < 3 or emb_dim % 2 == 0:
+        raise ValueError(f"emb_dim must be an odd integer >= 3, got {emb_dim!r}")
+
+
 def hyena_positional_features(t: torch.Tensor, emb_dim: int, time_scale: float) -> torch.Tensor:
     """Positional features of the lags ``t`` (n,) -> (n, emb_dim): [t/T, cos(f w), -sin(f w)].
 
     w = 2 pi t / T with T = ``time_scale`` fixed, so the features of lag t never depend on the
     sequence length. ``emb_dim`` must be odd and >= 3 (one time feature + cos/sin pairs).
     """
-    if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim < 3 or emb_dim % 2 == 0:
-        raise ValueError(f"emb_dim must be an odd integer >= 3, got {emb_dim!r}")
+    _check_emb_dim(emb_dim)
     bands = (emb_dim - 1) // 2
     f = torch.linspace(1e-4, bands - 1, bands, dtype=t.dtype, device=t.device)
     w = (2 * math.pi / time_scale) * t
@@ -128,16 +133,9 @@ class Hyena(GlobalExtractor):
         check_positive("short_filter_size", short_filter_size)
         if max_length is not None:
             check_positive("max_length", max_length)
-        if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim < 3 or (
-            emb_dim % 2 == 0
-        ):
-            raise ValueError(f"emb_dim must be an odd integer >= 3, got {emb_dim!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-            0.0 <= dropout < 1.0
-        ):
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        if lr is not None:
-            check_positive("lr", lr, allow_float=True)
+        _check_emb_dim(emb_dim)
+        check_dropout(dropout)
+        check_lr(lr)
         if time_scale is not None:
             check_positive("time_scale", time_scale, allow_float=True)
         self.order = order

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from spadeformer.ssm.base import GlobalExtractor, check_positive
+from spadeformer.ssm.base import GlobalExtractor, check_dropout, check_positive
 
 __all__ = ["LSTMGlobal", "suffix_padding_lengths"]
 
@@ -82,10 +82,7 @@ class LSTMGlobal(GlobalExtractor):
     ):
         super().__init__(d_model, bidirectional=bidirectional, trainable=trainable)
         check_positive("num_layers", num_layers)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-            0.0 <= dropout < 1.0
-        ):
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_dropout(dropout)
         self.num_layers = num_layers
         self.dropout = float(dropout)
         # nn.LSTM warns when dropout > 0 with a single layer (it has nowhere to apply it).

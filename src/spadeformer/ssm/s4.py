@@ -41,7 +41,13 @@ from spadeformer.ops.ssm_kernels import (
     nplr_real_output,
     s4_kernel,
 )
-from spadeformer.ssm.base import GlobalExtractor, check_positive
+from spadeformer.ssm.base import (
+    GlobalExtractor,
+    check_dropout,
+    check_lr,
+    check_positive,
+    check_state_size,
+)
 
 __all__ = ["S4"]
 
@@ -91,23 +97,21 @@ class S4(GlobalExtractor):
         dropout: float = 0.0,
     ):
         super().__init__(d_model, bidirectional=bidirectional, trainable=trainable)
-        check_positive("d_state", d_state)
-        if d_state % 2:
-            raise ValueError(
-                f"d_state must be even (conjugate pairs are stored as d_state/2 complex "
-                f"numbers), got {d_state}"
-            )
+        check_state_size(
+            d_state,
+            2,
+            "d_state must be even (conjugate pairs are stored as d_state/2 complex numbers), "
+            "got {d_state}",
+        )
         check_positive("channels", channels)
         check_positive("dt_min", dt_min, allow_float=True)
         check_positive("dt_max", dt_max, allow_float=True)
+        # Not check_dt_range: S4 words this error its own way ("got dt_min=.., dt_max=.."),
+        # and that message is pinned by its tests.
         if dt_min > dt_max:
             raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-            0.0 <= dropout < 1.0
-        ):
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        if lr is not None:
-            check_positive("lr", lr, allow_float=True)
+        check_dropout(dropout)
+        check_lr(lr)
         self.d_state = d_state
         self.channels = channels
         H, n = d_model, d_state // 2

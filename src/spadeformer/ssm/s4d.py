@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any
 
 import torch
 from einops import rearrange
@@ -54,7 +53,14 @@ from torch import nn
 
 from spadeformer.ops.fftconv import fft_conv
 from spadeformer.ops.vandermonde import vandermonde_kernel
-from spadeformer.ssm.base import GlobalExtractor, check_positive
+from spadeformer.ssm.base import (
+    GlobalExtractor,
+    check_dropout,
+    check_dt_range,
+    check_lr,
+    check_positive,
+    check_state_size,
+)
 
 __all__ = ["S4D", "check_dt_range", "check_lr", "check_dropout"]
 
@@ -63,25 +69,15 @@ DISCRETIZATIONS = ("zoh", "bilinear")
 _MAX_CACHED_LENGTHS = 16
 
 
-def check_dt_range(dt_min: Any, dt_max: Any) -> None:
-    """0 < dt_min <= dt_max, both numbers."""
-    check_positive("dt_min", dt_min, allow_float=True)
-    check_positive("dt_max", dt_max, allow_float=True)
-    if dt_min > dt_max:
-        raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min!r} > dt_max={dt_max!r}")
+def with_conjugates(C: torch.Tensor, C_reverse: torch.Tensor | None) -> torch.Tensor:
+    """Stored output matrices -> complex ones with the conjugate partners written out.
 
-
-def check_lr(lr: Any) -> None:
-    """None (use the optimiser's SSM learning rate) or a positive number."""
-    if lr is not None:
-        check_positive("lr", lr, allow_float=True)
-
-
-def check_dropout(dropout: Any) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
-        0.0 <= dropout < 1.0
-    ):
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    C, C_reverse: real views (..., n, 2) of the kept half of each conjugate pair. Returns
+    [C, conj(C)] (..., 2n) complex; with C_reverse, both stacked: (2, ..., 2n), [0] = forward.
+    """
+    Cs = [torch.view_as_complex(c) for c in (C, C_reverse) if c is not None]
+    Cs = [torch.cat([c, c.conj()], dim=-1) for c in Cs]
+    return torch.stack(Cs) if C_reverse is not None else Cs[0]
 
 
 def mark_ssm_param(param: nn.Parameter, lr: float | None) -> None:
@@ -126,11 +122,9 @@ class S4D(GlobalExtractor):
         dropout: float = 0.0,
     ):
         super().__init__(d_model, bidirectional=bidirectional, trainable=trainable)
-        check_positive("d_state", d_state)
-        if d_state % 2:
-            raise ValueError(
-                f"d_state must be even (N/2 complex conjugate pairs), got d_state={d_state}"
-            )
+        check_state_size(
+            d_state, 2, "d_state must be even (N/2 complex conjugate pairs), got d_state={d_state}"
+        )
         check_positive("channels", channels)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -217,11 +211,7 @@ class S4D(GlobalExtractor):
         with torch.no_grad():
             Lam = self._lambda()
             B = torch.view_as_complex(self.B)
-            Cs = [torch.view_as_complex(self.C)]
-            if self.bidirectional:
-                Cs.append(torch.view_as_complex(self.C_reverse))
-            Cs = [torch.cat([c, c.conj()], dim=-1) for c in Cs]
-            C = torch.stack(Cs) if self.bidirectional else Cs[0]
+            C = with_conjugates(self.C, self.C_reverse if self.bidirectional else None)
             A = torch.cat([Lam, Lam.conj()], dim=-1)
             return A, torch.cat([B, B.conj()], dim=-1), C, torch.exp(self.log_dt)
 

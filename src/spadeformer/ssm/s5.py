@@ -44,14 +44,14 @@ from torch import nn
 
 from spadeformer.ops.scan import associative_scan
 from spadeformer.ops.ssm_kernels import hippo_legs_nplr
-from spadeformer.ssm.base import GlobalExtractor, check_positive
-from spadeformer.ssm.s4d import (
+from spadeformer.ssm.base import (
+    GlobalExtractor,
     check_dropout,
     check_dt_range,
     check_lr,
-    log_uniform_dt,
-    mark_ssm_param,
+    check_positive,
 )
+from spadeformer.ssm.s4d import log_uniform_dt, mark_ssm_param, with_conjugates
 
 __all__ = ["S5", "hippo_n_init"]
 
@@ -164,11 +164,7 @@ class S5(GlobalExtractor):
         with torch.no_grad():
             Lam = self._lambda()
             B = torch.view_as_complex(self.B)
-            Cs = [torch.view_as_complex(self.C)]
-            if self.bidirectional:
-                Cs.append(torch.view_as_complex(self.C_reverse))
-            Cs = [torch.cat([c, c.conj()], dim=-1) for c in Cs]
-            C = torch.stack(Cs) if self.bidirectional else Cs[0]
+            C = with_conjugates(self.C, self.C_reverse if self.bidirectional else None)
             dt = torch.exp(self.log_dt)
             return (
                 torch.cat([Lam, Lam.conj()]),
