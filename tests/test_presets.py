@@ -326,6 +326,9 @@ def test_eval_reports_accuracy_for_lra_and_perplexity_for_wikitext(data, tmp_pat
 
     run = tmp_path / "wiki"
     cfg, _ = train_preset("lm/wikitext103-spade-s4-window.yaml", data, run)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in logged:  # words, not bytes: the live metric is perplexity too
+        assert "bpb" not in row and row["ppl"] == pytest.approx(math.exp(row["loss"]))
     full = evaluate(str(run), "test")
     lines = (data / "wikitext-103" / "wiki.test.tokens").read_text().splitlines()
     n_tokens = sum(len(line.split()) + 1 for line in lines)  # words + <eos> per line

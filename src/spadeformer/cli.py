@@ -39,6 +39,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     model_config = _model_config(build_model_config, model_section, task)
     train_section = dict(cfg["train"])
     train_section.setdefault("task", task.objective)
+    train_section.setdefault("lm_metric", task.lm_metric)
     train_config = TrainConfig.from_dict(train_section)
 
     if out is None:
@@ -141,7 +142,8 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
         return {"split": split, **metrics, **source.baseline(split)}
     data = source.dataset(split)
     metrics = evaluate_model(model, data, batch_size=batch_size or cfg["train"]["batch_size"],
-                             task=source.task.objective, max_batches=max_batches,
+                             task=source.task.objective, lm_metric=source.task.lm_metric,
+                             max_batches=max_batches,
                              collate_fn=source.collate_fn)
     return {"split": split, **metrics, **source.baseline(split)}
 

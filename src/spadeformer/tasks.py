@@ -58,6 +58,7 @@ class Task:
     model_class: str  # a class name in spadeformer.models
     vocab_size: int
     num_labels: int | None = None
+    lm_metric: str = "bpb"  # what the trainer logs for "lm": bpb (byte tokens) or ppl (words)
 
     def model_cls(self):
         import spadeformer.models as models
@@ -356,7 +357,8 @@ class WikiText103:
 
     @property
     def task(self) -> Task:
-        return Task("wikitext103", "lm", "SpadeForCausalLM", vocab_size=len(self.vocab))
+        return Task("wikitext103", "lm", "SpadeForCausalLM", vocab_size=len(self.vocab),
+                    lm_metric="ppl")
 
     def stream(self, split: str) -> np.ndarray:
         """The split's token ids (int32, every line's words then ``<eos>``)."""

@@ -8,7 +8,7 @@ from tiny_models import TinyClassifier, TinyLM, make_tree
 from spadeformer.data.corpus import ByteCorpus
 from spadeformer.training.checkpoint import CheckpointManager
 from spadeformer.training.schedule import lr_factor
-from spadeformer.training.trainer import NonFiniteLossError, TrainConfig, Trainer
+from spadeformer.training.trainer import NonFiniteLossError, TrainConfig, Trainer, task_metric
 
 SEQ = 32
 
@@ -79,6 +79,15 @@ def test_twenty_steps_reduce_loss_and_write_metrics(tmp_path, data):
     mgr = CheckpointManager(tmp_path / "checkpoints")
     assert mgr.pointer("last")["step"] == 20 and mgr.pointer("best")["step"] == 20
     assert json.loads((tmp_path / "train_config.json").read_text())["steps"] == 20
+
+
+def test_lm_metric_is_bits_per_byte_or_perplexity():
+    assert task_metric("lm", 2.0, 0, 0) == {"bpb": pytest.approx(2.0 / math.log(2))}
+    assert task_metric("lm", 2.0, 0, 0, "ppl") == {"ppl": pytest.approx(math.exp(2.0))}
+    assert math.isfinite(task_metric("lm", 1e6, 0, 0, "ppl")["ppl"])  # no overflow
+    assert task_metric("classify", 0.3, 3, 4, "ppl") == {"accuracy": 0.75}
+    with pytest.raises(ValueError, match="lm_metric must be one of.*got 'bits'"):
+        TrainConfig(steps=1, lm_metric="bits")
 
 
 def test_evaluate_is_the_exact_token_mean(tmp_path, data):

@@ -282,23 +282,26 @@ def _blocked_attention(
 
     qb, kbk, vbk = blocks_q(q), blocks_k(k), blocks_k(v)
 
-    # structure mask shared by every block: (block, kb), relative offset j - i
-    rel = (torch.arange(kb, device=dev) - left)[None, :] - torch.arange(block, device=dev)[:, None]
-    structure = None
-    if lo is not None or hi is not None:
-        structure = torch.ones(block, kb, dtype=torch.bool, device=dev)
-        if lo is not None:
-            structure &= rel >= -lo
-        if hi is not None:
-            structure &= rel <= hi
-
-    # pure causal inside the block and nothing to hide: let SDPA build the mask itself. Keys
+    # pure causal inside the block and nothing to hide: let SDPA build the mask itself (before
+    # any structure mask exists: for full attention that would be an L x L tensor). Keys
     # past L in the last block are only visible to the (discarded) query rows past L.
     fn = _as_bias_fn(bias, L, H)
     pure_causal = left == 0 and right == 0 and lo is None and hi == 0
     if pure_causal and key_padding_mask is None and fn is None:
         out = F.scaled_dot_product_attention(qb, kbk, vbk, dropout_p=dropout_p, is_causal=True)
         return rearrange(out, "(b n) h i d -> b h (n i) d", b=B)[:, :, :L]
+
+    # structure mask shared by every block: (block, kb), relative offset j - i
+    structure = None
+    if lo is not None or hi is not None:
+        rel = (torch.arange(kb, device=dev) - left)[None, :] - torch.arange(block, device=dev)[
+            :, None
+        ]
+        structure = torch.ones(block, kb, dtype=torch.bool, device=dev)
+        if lo is not None:
+            structure &= rel >= -lo
+        if hi is not None:
+            structure &= rel <= hi
 
     # key validity per block: in [0, L) and not padded -> (B, nb, kb)
     allowed = structure[None, None] if structure is not None else None  # (1, 1, block, kb)

@@ -222,7 +222,9 @@ class S4(GlobalExtractor):
         fold_d = not self.D.requires_grad
 
         def compute() -> torch.Tensor:
-            k = self.kernel(length)
+            # not self.kernel(): the forward pass needs only the spectrum, so the kernel is
+            # not kept beside it (d_model x L floats per cached length)
+            k = s4_kernel(*self._nplr(), length)
             if self.bidirectional:
                 k_f = kernel_spectrum(k[: self.channels], n, k[self.channels :])
             else:

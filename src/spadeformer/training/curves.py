@@ -19,15 +19,20 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
+METRIC_LABELS = {"bpb": "bits per byte", "ppl": "perplexity", "accuracy": "accuracy"}
+
+
 def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """Two panels: loss, and bits-per-byte or accuracy. Needs matplotlib (extra "plot")."""
+    """Two panels: loss, and bits per byte, perplexity or accuracy.
+
+    Needs matplotlib (extra "plot")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    metric = "bpb" if any("bpb" in r for r in records) else "accuracy"
+    metric = next((m for m in ("bpb", "ppl") if any(m in r for r in records)), "accuracy")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", "o-")):
         rows = [r for r in records if r.get("split") == split]
@@ -38,7 +43,9 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
         if all(metric in r for r in rows):
             axes[1].plot(steps, [r[metric] for r in rows], style, label=split, markersize=3)
     axes[0].set_ylabel("loss (nats)")
-    axes[1].set_ylabel("bits per byte" if metric == "bpb" else "accuracy")
+    axes[1].set_ylabel(METRIC_LABELS[metric])
+    if metric == "ppl":
+        axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

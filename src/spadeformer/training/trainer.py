@@ -8,8 +8,10 @@ counted targets (labels != -100) and ``out.logits`` the predictions.
 What a run writes to ``out_dir``:
 
     train_config.json     the TrainConfig
-    metrics.jsonl         one JSON object per line: {step, split, loss, bpb | accuracy,
-                          tokens_per_s, lr}; "train" lines average the steps since the last one
+    metrics.jsonl         one JSON object per line: {step, split, loss, bpb | ppl | accuracy,
+                          tokens_per_s, lr}; "train" lines average the steps since the last one.
+                          Language models log bits per byte (bpb) when the tokens are bytes
+                          and perplexity (ppl) when they are words (TrainConfig.lm_metric)
     checkpoints/          see training/checkpoint.py: "last" (every save_every steps and at the
                           end) and "best" (lowest validation loss) pointers
 
@@ -54,6 +56,7 @@ from spadeformer.training.schedule import SCHEDULES, build_scheduler, lr_factor
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "evaluate_model", "seed_everything"]
 
 TASKS = ("lm", "classify")
+LM_METRICS = ("bpb", "ppl")  # bits per byte (byte tokens), perplexity (word tokens)
 PRECISIONS = ("fp32", "bf16")
 IGNORE_INDEX = -100
 # Fields that may differ between a checkpoint and a resumed run without changing the numbers.
@@ -108,6 +111,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     task: str = "lm"
+    lm_metric: str = "bpb"
     precision: str = "fp32"
     device: str = "auto"
     progress: bool = True
@@ -149,6 +153,9 @@ class TrainConfig:
                              f"got {self.eval_batches!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.lm_metric not in LM_METRICS:
+            raise ValueError(f"lm_metric must be one of {LM_METRICS} (bits per byte for byte "
+                             f"tokens, perplexity for words), got {self.lm_metric!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.device, str):
@@ -380,7 +387,7 @@ class Trainer:
                                 schedule=c.schedule, min_lr_ratio=c.min_lr_ratio)
 
     def _task_metric(self, loss: float, correct: float, count: float) -> dict[str, float]:
-        return task_metric(self.config.task, loss, correct, count)
+        return task_metric(self.config.task, loss, correct, count, self.config.lm_metric)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:
@@ -459,7 +466,8 @@ class Trainer:
         """Mean loss over ``data`` in order (batches of ``config.batch_size``); see
         :func:`evaluate_model`. Every rank scores its shard; the sums are all-reduced."""
         return evaluate_model(self.raw_model, data, batch_size=self.config.batch_size,
-                              task=self.config.task, device=self.device,
+                              task=self.config.task, lm_metric=self.config.lm_metric,
+                              device=self.device,
                               max_batches=max_batches, collate_fn=self.collate_fn,
                               autocast=self._autocast, rank=self.dist.rank,
                               world_size=self.dist.world_size)
@@ -497,21 +505,27 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, fl
     return float(hits.sum()), float(keep.sum())
 
 
-def task_metric(task: str, loss: float, correct: float, count: float) -> dict[str, float]:
-    """bits-per-byte for "lm" (the tokens are bytes: nats/token -> bits/byte), accuracy else."""
+def task_metric(task: str, loss: float, correct: float, count: float,
+                lm_metric: str = "bpb") -> dict[str, float]:
+    """For "lm": bits per byte (``lm_metric="bpb"``: byte tokens, nats/token -> bits/byte) or
+    perplexity (``"ppl"``: word tokens, exp of the mean loss); accuracy for "classify"."""
     if task == "lm":
+        if lm_metric == "ppl":
+            return {"ppl": math.exp(min(loss, 700.0))}  # 700: exp stays a finite float
         return {"bpb": loss / math.log(2)}
     return {"accuracy": correct / max(count, 1.0)}
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = "lm",
-                   device: str | torch.device | None = None, max_batches: int | None = None,
+                   lm_metric: str = "bpb", device: str | torch.device | None = None,
+                   max_batches: int | None = None,
                    collate_fn: Callable[[list[Any]], dict[str, torch.Tensor]] | None = None,
                    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """Mean loss over ``data`` in order (batches of ``batch_size``, the first ``max_batches``
-    only if given), plus bpb (lm) or accuracy (classify) and tokens_per_s. The loss is weighted
+    only if given), plus bpb or ppl (lm, see :func:`task_metric`) or accuracy (classify) and
+    tokens_per_s. The loss is weighted
     by counted targets (labels != -100), so it is the exact per-token (lm) / per-example
     (classify) mean however the batches fall. With ``world_size > 1`` each rank scores its
     shard and the sums are all-reduced."""
@@ -552,5 +566,5 @@ def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = 
     if world_size > 1:
         D.all_reduce_sum(sums)
     loss = float(sums[0] / sums[1].clamp_min(1.0))
-    return {"loss": loss, **task_metric(task, loss, float(sums[3]), float(sums[4])),
+    return {"loss": loss, **task_metric(task, loss, float(sums[3]), float(sums[4]), lm_metric),
             "tokens_per_s": float(sums[2]) / max(time.perf_counter() - t0, 1e-9)}
