@@ -157,6 +157,20 @@ def test_interleaved_cells_rotate_and_respect_budget(monkeypatch):
     assert out["transformer-window"]["repeats"] == out["spade-s4-window"]["repeats"] == 3
     assert out["spade-s4-window"]["median_s"] == 0.5
 
+    # min_seconds: quick models keep stepping until their timed steps add up to it
+    calls.clear()
+    out = train_bench.run_interleaved_cells(names, SHAPE, 32, warmup=0, repeats=2,
+                                            min_seconds=3.0, max_seconds=100.0)
+    assert out["transformer-window"]["repeats"] == out["spade-s4-window"]["repeats"] == 6
+    assert out["transformer-full"]["repeats"] == 2  # 2 x 2 s already pass 3 s
+    assert calls[:3] == names and calls.count("transformer-full") == 2
+
+
+def test_min_seconds_needs_interleave(tmp_path, capsys):
+    assert main(["bench", "train", "--lengths", "64", "--min-seconds", "5", "--out",
+                 str(tmp_path), *TINY]) == 2
+    assert "--min-seconds must be >= 0 and needs --interleave" in capsys.readouterr().err
+
 
 def test_bench_generate_end_to_end(tmp_path, capsys):
     out = tmp_path / "gen"

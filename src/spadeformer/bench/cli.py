@@ -106,6 +106,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="time all models of a length together in one process, stepped in "
                         "turn (steadier ratios on a noisy machine); memory still comes from "
                         "one step per cell in its own subprocess")
+    p.add_argument("--min-seconds", type=float, default=0.0,
+                   help="with --interleave: step each model until its timed steps add up to "
+                        "this many seconds (and at least --repeats): more samples where steps "
+                        "are short and noisy")
     p.add_argument("--max-seconds", type=float, default=300.0,
                    help="wall-time budget per cell; over it the cell is recorded as skipped")
     p.add_argument("--peak-size", type=int, default=4096,
@@ -249,6 +253,9 @@ def bench_train(args: argparse.Namespace) -> int:
     for flag in ("repeats", "rounds"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.min_seconds < 0 or (args.min_seconds > 0 and not args.interleave):
+        raise ValueError(f"--min-seconds must be >= 0 and needs --interleave, got "
+                         f"{args.min_seconds} (interleave={args.interleave})")
     profile = None
     if args.profile:
         model, _, length = args.profile.partition("@")
@@ -269,6 +276,7 @@ def bench_train(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         max_seconds=args.max_seconds, max_memory_mb=mem, device=str(device),
         threads=args.threads, isolate=not args.in_process, interleave=args.interleave,
+        min_seconds=args.min_seconds,
         peak=peaks[0],
         on_row=lambda rs: write_csv(rs, csv_path, tb.TRAIN_COLUMNS), log=_say)
     # the machine may be shared: measure the peak again and use the median of all samples

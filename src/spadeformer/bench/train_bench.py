@@ -331,14 +331,16 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
 
 
 def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
-                          warmup: int = 1, repeats: int = 3,
+                          warmup: int = 1, repeats: int = 3, min_seconds: float = 0.0,
                           max_seconds: float = float("inf"),
                           device: str | torch.device = "cpu", seed: int = 0
                           ) -> dict[str, dict[str, Any]]:
     """Time every model of ``names`` at one length in this process, stepping them in turn.
 
-    After ``warmup`` steps each, repeat ``repeats`` times: one step of every model, the order
-    rotated by one each time. A slow spell of the machine (foreign load, thermal or memory
+    After ``warmup`` steps each, go in rounds: one step of every model that still wants one,
+    the order rotated by one each round. A model wants steps until it has ``repeats`` timed
+    steps and they add up to ``min_seconds`` (so short lengths, whose steps are quick and
+    noisy, get more of them). A slow spell of the machine (foreign load, thermal or memory
     bandwidth drift) then lands on every model alike, so ratios between models are much
     steadier than with one model after the other. ``max_seconds`` is each model's own budget
     (the sum of its steps). Memory is not measured here (the process is shared); a model that
@@ -378,18 +380,23 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
                 break
             if i == 0:
                 results[name]["first_step_s"] = dt
-    for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            if name not in trainees:
-                continue
-            projected = spent[name] + (times[name][-1] if times[name] else 0.0)
-            if times[name] and projected > max_seconds:
-                continue  # this model's budget is spent; keep the repeats it has
-            dt = step(name)
-            if dt is not None:
-                times[name].append(dt)
-                results[name].setdefault("first_step_s", dt)
+    def wants_step(name: str) -> bool:
+        if name not in trainees:
+            return False
+        done = times[name]
+        if done and spent[name] + done[-1] > max_seconds:
+            return False  # this model's budget is spent; keep the repeats it has
+        return len(done) < repeats or sum(done) < min_seconds
+
+    r = 0
+    while any(wants_step(name) for name in names) and r < repeats + 10_000:
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if wants_step(name):
+                dt = step(name)
+                if dt is not None:
+                    times[name].append(dt)
+                    results[name].setdefault("first_step_s", dt)
+        r += 1
     for name, result in results.items():
         if times.get(name) and result.get("status") != "skipped":
             _timed(result, times[name], repeats)
@@ -419,8 +426,8 @@ def _child_main(argv: list[str] | None = None) -> int:
         elif payload.get("mode") == "interleave":
             result = {"status": "ok", "cells": run_interleaved_cells(
                 payload["models"], shape, payload["length"], warmup=payload["warmup"],
-                repeats=payload["repeats"], max_seconds=payload["max_seconds"],
-                device=payload["device"])}
+                repeats=payload["repeats"], min_seconds=payload.get("min_seconds", 0.0),
+                max_seconds=payload["max_seconds"], device=payload["device"])}
         else:
             result = run_train_cell(payload["model"], shape, payload["length"],
                                     warmup=payload["warmup"], repeats=payload["repeats"],
@@ -535,7 +542,8 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                     warmup: int = 1, repeats: int = 3, rounds: int = 1,
                     max_seconds: float = 300.0, max_memory_mb: float = 0.0,
                     device: str = "auto", threads: int = 0, isolate: bool = True,
-                    interleave: bool = False, peak: dict[str, Any] | None = None,
+                    interleave: bool = False, min_seconds: float = 0.0,
+                    peak: dict[str, Any] | None = None,
                     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (length, model) cell, shortest lengths first; returns the CSV rows.
@@ -550,7 +558,8 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     ``interleave=True`` separates memory from time: each cell first runs two steps alone in a
     fresh subprocess (its peak memory, and whether it fits), then all models that fit at that
     length are timed together in one process by :func:`run_interleaved_cells`, stepped in
-    turn, so that drift in the machine's speed cannot favour one model over another.
+    turn, so that drift in the machine's speed cannot favour one model over another;
+    ``min_seconds`` asks each model there for timed steps adding up to at least that long.
     """
     check_models(models)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -583,9 +592,11 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     def interleaved(names: list[str], length: int) -> dict[str, dict[str, Any]]:
         if not isolate:
             return run_interleaved_cells(names, shape, length, warmup=warmup, repeats=repeats,
-                                         max_seconds=max_seconds, device=dev)
+                                         min_seconds=min_seconds, max_seconds=max_seconds,
+                                         device=dev)
         payload = dict(mode="interleave", models=names, length=length, shape=asdict(shape),
-                       warmup=warmup, repeats=repeats, device=str(dev), threads=threads,
+                       warmup=warmup, repeats=repeats, min_seconds=min_seconds,
+                       device=str(dev), threads=threads,
                        max_memory_mb=max_memory_mb, max_seconds=max_seconds,
                        deadline=time.time() + max_seconds * len(names))
         out = run_subprocess("spadeformer.bench.train_bench", payload,
