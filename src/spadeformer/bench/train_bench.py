@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -338,7 +339,7 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
     """Time every model of ``names`` at one length in this process, stepping them in turn.
 
     After ``warmup`` steps each, go in rounds: one step of every model that still wants one,
-    the order rotated by one each round. A model wants steps until it has ``repeats`` timed
+    in a new random (seeded) order each round. A model wants steps until it has ``repeats`` timed
     steps and they add up to ``min_seconds`` (so short lengths, whose steps are quick and
     noisy, get more of them). A slow spell of the machine (foreign load, thermal or memory
     bandwidth drift) then lands on every model alike, so ratios between models are much
@@ -388,9 +389,13 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
             return False  # this model's budget is spent; keep the repeats it has
         return len(done) < repeats or sum(done) < min_seconds
 
+    # A fresh random order each round (seeded: runs repeat). Rotating one fixed order would
+    # keep each model's predecessor, and a model stepped right after a memory-hungry one pays
+    # for faulting its own pages back in (~0.1 s per GB here): a bias, not noise.
+    shuffle = random.Random(seed * 1_000_003 + length)
     r = 0
     while any(wants_step(name) for name in names) and r < repeats + 10_000:
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in shuffle.sample(names, len(names)):
             if wants_step(name):
                 dt = step(name)
                 if dt is not None:
