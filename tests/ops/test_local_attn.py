@@ -373,6 +373,11 @@ def test_reference_dropout_is_applied():
         (lambda q, k, v: full_attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
         (lambda q, k, v: full_attention(q[0], k, v), ValueError, "q must have shape"),
         (lambda q, k, v: full_attention(q, k, v, bias="t5"), TypeError, "bias must be"),
+        (  # a list, not a tensor: named before the backend choice reads q.device
+            lambda q, k, v: local_attention(q.tolist(), k, v, "full"),
+            ValueError,
+            "q must have shape",
+        ),
     ],
 )
 def test_argument_errors(call, exc, match):

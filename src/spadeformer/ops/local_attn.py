@@ -490,8 +490,8 @@ def local_attention(
     """
     _check_pattern(pattern, window_size, chunk_size)
     _check_dropout(dropout_p)
+    _check_qkv(q, k, v)  # before pick_backend reads q.device
     if pick_backend(backend, q, bias, dropout_p) == "flex":
-        _check_qkv(q, k, v)
         _check_kpm(key_padding_mask, q.shape[0], q.shape[2])
         try:
             return flex_local_attention(
