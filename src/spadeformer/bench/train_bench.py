@@ -381,6 +381,7 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
                 break
             if i == 0:
                 results[name]["first_step_s"] = dt
+
     def wants_step(name: str) -> bool:
         if name not in trainees:
             return False
@@ -573,13 +574,20 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     peak_gflops = peak["gflops_median"] if peak else None
     cells = [(length, name) for length in sorted(lengths) for name in models]
     results: dict[tuple[int, str], list[dict[str, Any]]] = {}
-    memory: dict[tuple[int, str], dict[str, Any]] = {}  # interleave: the one-step cells
+    memory: dict[tuple[int, str], dict[str, Any]] = {}  # interleave: the two-step cells
     dead: dict[str, int] = {}
 
     def rows_so_far() -> list[dict[str, Any]]:
         return [_row(name, length, shape, _merge(results[(length, name)]),
                      train_flops(name, shape, length), peak_gflops, str(dev))
                 for length, name in cells if (length, name) in results]
+
+    def in_subprocess(seconds: float, slack: float, **payload: Any) -> dict[str, Any]:
+        """Run :func:`_child_main` on ``payload`` plus the settings every child shares."""
+        payload.update(shape=asdict(shape), device=str(dev), threads=threads,
+                       max_memory_mb=max_memory_mb, deadline=time.time() + seconds)
+        return run_subprocess("spadeformer.bench.train_bench", payload,
+                              timeout=seconds + slack, log=log)
 
     def one_cell(name: str, length: int, warmup_: int, repeats_: int) -> dict[str, Any]:
         if not isolate:
@@ -588,24 +596,17 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
             result["note"] = " ".join(filter(None, [result.get("note"),
                                                     "in-process (memory not isolated)"]))
             return result
-        payload = dict(model=name, length=length, shape=asdict(shape), warmup=warmup_,
-                       repeats=repeats_, device=str(dev), threads=threads,
-                       max_memory_mb=max_memory_mb, deadline=time.time() + max_seconds)
-        return run_subprocess("spadeformer.bench.train_bench", payload,
-                              timeout=max_seconds + 10, log=log)
+        return in_subprocess(max_seconds, 10, model=name, length=length, warmup=warmup_,
+                             repeats=repeats_)
 
     def interleaved(names: list[str], length: int) -> dict[str, dict[str, Any]]:
         if not isolate:
             return run_interleaved_cells(names, shape, length, warmup=warmup, repeats=repeats,
                                          min_seconds=min_seconds, max_seconds=max_seconds,
                                          device=dev)
-        payload = dict(mode="interleave", models=names, length=length, shape=asdict(shape),
-                       warmup=warmup, repeats=repeats, min_seconds=min_seconds,
-                       device=str(dev), threads=threads,
-                       max_memory_mb=max_memory_mb, max_seconds=max_seconds,
-                       deadline=time.time() + max_seconds * len(names))
-        out = run_subprocess("spadeformer.bench.train_bench", payload,
-                             timeout=max_seconds * len(names) + 30, log=log)
+        out = in_subprocess(max_seconds * len(names), 30, mode="interleave", models=names,
+                            length=length, warmup=warmup, repeats=repeats,
+                            min_seconds=min_seconds, max_seconds=max_seconds)
         return out.get("cells") or {name: dict(out) for name in names}
 
     def timed_with_memory(name: str, length: int, timing: dict[str, Any]) -> dict[str, Any]:
