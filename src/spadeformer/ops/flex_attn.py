@@ -60,8 +60,7 @@ def flex_supports(bias: object, dropout_p: float) -> bool:
     if bias is None:
         return True
     return (
-        callable(bias)
-        and not isinstance(bias, torch.Tensor)
+        callable(bias)  # a dense tensor bias is not callable
         and getattr(bias, "translation_invariant", False)
         and not getattr(bias, "needs_query", False)
     )
@@ -117,13 +116,10 @@ def _pattern_mask_mod(
     key_padding_mask: torch.Tensor | None,
 ) -> Callable:
     """mask_mod(b, h, q_idx, kv_idx) -> bool tensor, True where the pair is allowed."""
+    from spadeformer.ops.local_attn import pattern_allows  # local_attn imports this module
 
     def allowed(b, h, q_idx, kv_idx):
-        ok = kv_idx <= q_idx if causal else kv_idx >= 0
-        if pattern == "window":
-            ok = ok & ((kv_idx - q_idx).abs() <= window_size)
-        elif pattern == "chunk":
-            ok = ok & (kv_idx // chunk_size == q_idx // chunk_size)
+        ok = pattern_allows(pattern, q_idx, kv_idx, window_size, chunk_size, causal)
         if key_padding_mask is not None:
             ok = ok & ~key_padding_mask[b, kv_idx]
         return ok

@@ -191,13 +191,26 @@ def dense_attention_mask(
     _check_pattern(pattern, window_size, chunk_size)
     i = torch.arange(length, device=device)[:, None]
     j = torch.arange(length, device=device)[None, :]
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device)
+    return pattern_allows(pattern, i, j, window_size, chunk_size, causal)
+
+
+def pattern_allows(
+    pattern: str,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    window_size: int | None = None,
+    chunk_size: int | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Whether query position q_idx may attend key position k_idx (int tensors, broadcast):
+    the one definition of the patterns in the module docstring, used by the dense mask and
+    by the FlexAttention mask_mod. Arguments are not checked (callers have)."""
+    rel = k_idx - q_idx
+    allowed = rel <= 0 if causal else torch.ones_like(rel, dtype=torch.bool)
     if pattern == "window":
-        allowed = (j - i).abs() <= window_size
+        allowed = allowed & (rel.abs() <= window_size)
     elif pattern == "chunk":
-        allowed = (i // chunk_size) == (j // chunk_size)
-    if causal:
-        allowed = allowed & (j <= i)
+        allowed = allowed & (k_idx // chunk_size == q_idx // chunk_size)
     return allowed
 
 
