@@ -62,7 +62,7 @@ from spadeformer.ssm.base import (
     check_state_size,
 )
 
-__all__ = ["S4D", "check_dt_range", "check_lr", "check_dropout"]
+__all__ = ["S4D"]
 
 INITS = ("inv", "lin")
 DISCRETIZATIONS = ("zoh", "bilinear")

@@ -525,10 +525,9 @@ def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = 
                    rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """Mean loss over ``data`` in order (batches of ``batch_size``, the first ``max_batches``
     only if given), plus bpb or ppl (lm, see :func:`task_metric`) or accuracy (classify) and
-    tokens_per_s. The loss is weighted
-    by counted targets (labels != -100), so it is the exact per-token (lm) / per-example
-    (classify) mean however the batches fall. With ``world_size > 1`` each rank scores its
-    shard and the sums are all-reduced."""
+    tokens_per_s. The loss is weighted by counted targets (labels != -100), so it is the exact
+    per-token (lm) / per-example (classify) mean however the batches fall. With
+    ``world_size > 1`` each rank scores its shard and the sums are all-reduced."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
