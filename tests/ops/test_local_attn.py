@@ -144,6 +144,28 @@ def test_window_block_size_does_not_change_the_result(block_size, causal):
     torch.testing.assert_close(fast.double(), ref, **TOL)
 
 
+# block 4 and 8 divide the window (K/V bands from shifted whole blocks), 3 and 16 do not (the
+# bands come from unfold): both ways of building the band, and their backward passes
+@pytest.mark.parametrize("block_size", [3, 4, 8, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_gradients_for_both_band_layouts(block_size, causal):
+    L = 3 * W + 7
+    q, k, v = make_qkv(L)
+    mask = make_padding(L)
+    g = torch.randn(B, H, L, D)
+
+    def grads(fn, dtype, **extra):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves, window_size=W, causal=causal, key_padding_mask=mask, **extra)
+        (out * g.to(dtype)).sum().backward()
+        return [t.grad for t in leaves]
+
+    fast = grads(sliding_window_attention, torch.float32, block_size=block_size)
+    ref = grads(attention_ref, torch.float64, pattern="window")
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("pattern", ["window", "chunk"])
 def test_sizes_larger_than_the_sequence(pattern):
     L = 6

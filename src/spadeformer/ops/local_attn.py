@@ -290,6 +290,12 @@ def _blocked_attention(
         if left == 0 and right == 0:
             return blocks_q(t)
         t = F.pad(t, (0, 0, left, Lp - L + right))
+        if left % block == 0 and right % block == 0:
+            # the band is whole blocks: concatenate shifted block views. Same values as the
+            # unfold below, but its backward is slice-adds (~2x faster than unfold_backward)
+            tb = rearrange(t, "b h (n i) d -> b h n i d", i=block)
+            band = torch.cat([tb[:, :, s : s + nb] for s in range(kb // block)], dim=-2)
+            return rearrange(band, "b h n j d -> (b n) h j d")
         t = t.unfold(2, kb, block)  # (B, H, nb, d, kb): overlapping windows, a strided view
         return rearrange(t, "b h n d j -> (b n) h j d")
 
