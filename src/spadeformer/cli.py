@@ -254,11 +254,15 @@ def _is_rank_zero() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spadeformer.allocator import reuse_freed_memory
     from spadeformer.models.io import ModelLoadError
     from spadeformer.training.trainer import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:
+        # large CPU tensors are reused instead of page-faulted in every step (allocator.py);
+        # SPADEFORMER_MALLOC=system opts out, a bad value is an error like any other
+        reuse_freed_memory()
         if args.command == "train":
             metrics = train(args.config, args.overrides, out=args.out, resume=args.resume)
             if _is_rank_zero():  # under torchrun every rank gets here

@@ -187,10 +187,14 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...]) 
 def _machine() -> dict[str, Any]:
     import torch
 
+    from spadeformer.allocator import reuse_freed_memory
+
     info: dict[str, Any] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                             "platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
+                            "torch_threads": torch.get_num_threads(),
+                            # what the timing subprocesses use (spadeformer.allocator)
+                            "malloc": "reuse freed memory" if reuse_freed_memory() else "system"}
     try:
         info["cpu"] = next(ln.split(":", 1)[1].strip()
                            for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -292,7 +296,8 @@ def bench_train(args: argparse.Namespace) -> int:
     (out / "train_table.md").write_text(table + "\n")
     machine.update(matmul_peak_gflops=peak, matmul_peak_runs=peaks,
                    loadavg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                   memory_budget_mb=mem, device=str(device))
+                   memory_budget_mb=mem, device=str(device),
+                   malloc_memory_cells="system" if args.interleave else machine["malloc"])
     (out / "train_machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     if not args.no_plot:
         _plot("train", rows, out / "train.png",

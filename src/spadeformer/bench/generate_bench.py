@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from spadeformer.allocator import reuse_freed_memory
 from spadeformer.bench.machine import (
     current_rss_mb,
     is_oom,
@@ -239,6 +240,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
     payload = json.loads(args.cell)
+    reuse_freed_memory()  # as the spadeformer command does: the parent's policy (env) holds
     if payload.get("threads"):
         torch.set_num_threads(int(payload["threads"]))
     limit_memory(float(payload.get("max_memory_mb", 0)))

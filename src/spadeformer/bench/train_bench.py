@@ -15,6 +15,12 @@ those run two steps only, for memory, and then one process per length steps ever
 fits in turn (:func:`run_interleaved_cells`), so that the machine's slow spells hit all models
 alike and the ratios between them hold still.
 
+Every subprocess that times steps first calls :func:`spadeformer.allocator.reuse_freed_memory`,
+as the ``spadeformer`` command does (unless ``SPADEFORMER_MALLOC=system``): large CPU tensors
+are then reused instead of page-faulted in every step. The interleaved mode's memory cells keep
+the system malloc, so their peak RSS counts the model's tensors and not the heap fragmentation
+that reuse costs (about +25% RSS at 16k tokens on glibc 2.36).
+
 Models (the paper's Figure 5 systems plus the eager baseline):
 
 * ``transformer-full-eager``: softmax(QK^T / sqrt(d)) V with dense L x L scores, i.e. the
@@ -44,6 +50,7 @@ from typing import Any
 
 import torch
 
+from spadeformer.allocator import reuse_freed_memory
 from spadeformer.bench.machine import (
     MB,
     is_oom,
@@ -419,6 +426,8 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
     payload = json.loads(args.cell)
+    if payload.get("malloc", "reuse") == "reuse":
+        reuse_freed_memory()  # as the spadeformer command does (SPADEFORMER_MALLOC still rules)
     if payload.get("threads"):
         torch.set_num_threads(int(payload["threads"]))
     limit_memory(float(payload.get("max_memory_mb", 0)))
@@ -589,7 +598,8 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
         return run_subprocess("spadeformer.bench.train_bench", payload,
                               timeout=seconds + slack, log=log)
 
-    def one_cell(name: str, length: int, warmup_: int, repeats_: int) -> dict[str, Any]:
+    def one_cell(name: str, length: int, warmup_: int, repeats_: int,
+                 malloc: str = "reuse") -> dict[str, Any]:
         if not isolate:
             result = run_train_cell(name, shape, length, warmup=warmup_, repeats=repeats_,
                                     max_seconds=max_seconds, device=dev)
@@ -597,7 +607,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                                                     "in-process (memory not isolated)"]))
             return result
         return in_subprocess(max_seconds, 10, model=name, length=length, warmup=warmup_,
-                             repeats=repeats_)
+                             repeats=repeats_, malloc=malloc)
 
     def interleaved(names: list[str], length: int) -> dict[str, dict[str, Any]]:
         if not isolate:
@@ -643,8 +653,10 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                 elif not interleave:
                     record(round_, length, name, one_cell(name, length, warmup, repeats))
                 elif (length, name) not in memory:  # interleave: memory in the first round
-                    # two steps: the second one's peak includes AdamW's moments
-                    mem = memory[(length, name)] = one_cell(name, length, 1, 1)
+                    # two steps: the second one's peak includes AdamW's moments. The
+                    # system malloc: peak RSS then counts the model's tensors, not the
+                    # heap fragmentation of spadeformer.allocator's reuse policy
+                    mem = memory[(length, name)] = one_cell(name, length, 1, 1, "system")
                     first = mem.get("first_step_s", 0.0)
                     if mem.get("status") == "ok" and first * (warmup + 1) > max_seconds:
                         mem = {**mem, "status": "skipped", "note": (
