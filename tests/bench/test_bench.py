@@ -373,3 +373,34 @@ def test_a_later_round_still_measures_the_lengths_below_a_failure(monkeypatch):
     assert [(r["status"], r["repeats"]) for r in rows] == [("ok", 2), ("skipped", ""),
                                                           ("skipped", "")]
     assert rows[2]["note"] == "skipped at L=64"
+
+
+def test_interleave_times_alone_a_model_that_runs_out_of_memory_beside_the_others(monkeypatch):
+    """Memory cells run with the system malloc; a model that fitted alone but ran out of memory
+    in the shared timing process is timed alone in its own subprocess (reuse malloc)."""
+    from spadeformer.bench import train_bench
+
+    payloads = []
+
+    def fake_subprocess(module, payload, timeout, log):
+        payloads.append(payload)
+        ok = {"status": "ok", "median_s": 2.0, "min_s": 2.0, "max_s": 2.0, "repeats": 3,
+              "times": [2.0] * 3, "peak_mem_mb": 5.0, "peak_rss_mb": 9.0, "first_step_s": 0.1}
+        if payload.get("mode") == "interleave":
+            return {"status": "ok", "cells": {
+                m: ({"status": "skipped", "note": "out of memory: can't allocate memory"}
+                    if m == "transformer-full" else {**ok, "median_s": 1.0, "times": [1.0] * 3})
+                for m in payload["models"]}}
+        return ok
+
+    monkeypatch.setattr(train_bench, "run_subprocess", fake_subprocess)
+    rows = run_train_bench(["transformer-full", "spade-s4-window"], [64], SHAPE, repeats=3,
+                           interleave=True, device="cpu", log=lambda _: None)
+    memory_cells = [p for p in payloads if p.get("mode") is None and p["repeats"] == 1]
+    alone = [p for p in payloads if p.get("mode") is None and p["repeats"] == 3]
+    assert [p["malloc"] for p in memory_cells] == ["system", "system"]
+    assert [(p["model"], p["malloc"]) for p in alone] == [("transformer-full", "reuse")]
+    full, spade = rows
+    assert full["status"] == "ok" and full["median_s"] == 2.0
+    assert "timed alone (out of memory beside the other models)" in full["note"]
+    assert spade["median_s"] == 1.0 and "timed interleaved" in spade["note"]

@@ -19,7 +19,9 @@ Every subprocess that times steps first calls :func:`spadeformer.allocator.reuse
 as the ``spadeformer`` command does (unless ``SPADEFORMER_MALLOC=system``): large CPU tensors
 are then reused instead of page-faulted in every step. The interleaved mode's memory cells keep
 the system malloc, so their peak RSS counts the model's tensors and not the heap fragmentation
-that reuse costs (about +25% RSS at 16k tokens on glibc 2.36).
+that reuse costs (about +25% RSS at 16k tokens on glibc 2.36). That fragmentation adds up in
+the shared timing process, which holds every model: a model that fitted alone but runs out of
+memory there is timed alone in its own subprocess instead (and its note says so).
 
 Models (the paper's Figure 5 systems plus the eager baseline):
 
@@ -619,12 +621,24 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                             min_seconds=min_seconds, max_seconds=max_seconds)
         return out.get("cells") or {name: dict(out) for name in names}
 
-    def timed_with_memory(name: str, length: int, timing: dict[str, Any]) -> dict[str, Any]:
+    def timed_with_memory(name: str, length: int, timing: dict[str, Any],
+                          how: str = "timed interleaved") -> dict[str, Any]:
         if timing.get("status") != "ok":
             return timing
         keys = ("status", "median_s", "min_s", "max_s", "repeats", "times")
-        note = " ".join(filter(None, [timing.get("note"), "timed interleaved"]))
+        note = " ".join(filter(None, [timing.get("note"), how]))
         return {**memory[(length, name)], **{k: timing[k] for k in keys}, "note": note}
+
+    def time_all(round_: int, names: list[str], length: int) -> None:
+        for name, timing in interleaved(names, length).items():
+            how = "timed interleaved"
+            if isolate and "out of memory" in str(timing.get("note")):
+                # It fitted alone (its memory cell ran), not beside the others: the shared
+                # process's heap keeps every model's freed blocks (spadeformer.allocator's
+                # reuse policy), fragmented. Time it alone rather than lose the cell.
+                timing = one_cell(name, length, warmup, repeats)
+                how = "timed alone (out of memory beside the other models)"
+            record(round_, length, name, timed_with_memory(name, length, timing, how))
 
     def record(round_: int, length: int, name: str, result: dict[str, Any]) -> None:
         if result.get("status") != "ok":
@@ -670,8 +684,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                 else:
                     runnable.append(name)
             if runnable:
-                for name, timing in interleaved(runnable, length).items():
-                    record(round_, length, name, timed_with_memory(name, length, timing))
+                time_all(round_, runnable, length)
     return rows_so_far()
 
 
