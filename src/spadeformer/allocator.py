@@ -17,7 +17,8 @@ price is memory: the process keeps its high-water mark until it exits, and the h
 requested size), so peak RSS grew 3493 -> 4348 MB (+24%) in the measurement above.
 
 It changes the whole process, so the library never calls it on import; the ``spadeformer``
-command and the benchmark's subprocesses call it at start (Python users call it themselves).
+command and the training benchmark's timing subprocesses call it at start (Python users call
+it themselves; the decoding benchmark keeps the system malloc, its RSS column is live memory).
 ``SPADEFORMER_MALLOC=system`` leaves malloc as it is: the choice when memory is tighter than
 time. On platforms without glibc (macOS, Windows, musl) it does nothing.
 """

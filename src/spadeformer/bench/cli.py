@@ -187,14 +187,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: tuple[str, ...]) 
 def _machine() -> dict[str, Any]:
     import torch
 
-    from spadeformer.allocator import reuse_freed_memory
-
     info: dict[str, Any] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                             "platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(),
-                            # what the timing subprocesses use (spadeformer.allocator)
-                            "malloc": "reuse freed memory" if reuse_freed_memory() else "system"}
+                            "torch_threads": torch.get_num_threads()}
     try:
         info["cpu"] = next(ln.split(":", 1)[1].strip()
                            for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -206,6 +202,13 @@ def _machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def _process_malloc() -> str:
+    """This process's malloc policy (spadeformer.allocator; cli.main has applied it)."""
+    from spadeformer.allocator import reuse_freed_memory
+
+    return "reuse freed memory" if reuse_freed_memory() else "system"
 
 
 def _setup(args: argparse.Namespace):
@@ -294,10 +297,14 @@ def bench_train(args: argparse.Namespace) -> int:
     table = plots.ratio_table(rows) + "\n\n" + plots.spade_targets(rows, peak)
     print(table)
     (out / "train_table.md").write_text(table + "\n")
+    # the timing subprocesses apply this process's malloc policy; the interleaved mode's
+    # memory subprocesses keep the system malloc (train_bench)
+    timing_malloc = _process_malloc()
+    separate_memory_cells = args.interleave and not args.in_process
     machine.update(matmul_peak_gflops=peak, matmul_peak_runs=peaks,
                    loadavg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                   memory_budget_mb=mem, device=str(device),
-                   malloc_memory_cells="system" if args.interleave else machine["malloc"])
+                   memory_budget_mb=mem, device=str(device), malloc=timing_malloc,
+                   malloc_memory_cells="system" if separate_memory_cells else timing_malloc)
     (out / "train_machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     if not args.no_plot:
         _plot("train", rows, out / "train.png",
@@ -341,7 +348,9 @@ def bench_generate(args: argparse.Namespace) -> int:
     print(table)
     (out / "generate_table.md").write_text(table + "\n")
     machine.update(loadavg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-                   memory_budget_mb=mem, device=str(device))
+                   memory_budget_mb=mem, device=str(device),
+                   # the per-model subprocesses keep the system malloc (generate_bench)
+                   malloc=_process_malloc() if args.in_process else "system")
     (out / "generate_machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     if not args.no_plot:
         _plot("generate", rows, out / "generate.png",

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 
-from spadeformer.allocator import reuse_freed_memory
 from spadeformer.bench.machine import (
     current_rss_mb,
     is_oom,
@@ -240,7 +239,10 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
     payload = json.loads(args.cell)
-    reuse_freed_memory()  # as the spadeformer command does: the parent's policy (env) holds
+    # The system malloc here, not spadeformer.allocator's reuse policy: rss_mb is the live
+    # resident set against the context, and a heap that keeps freed blocks (the KV cache's
+    # old buffers after each doubling) would count memory the model no longer holds.
+    # Decoding allocates small tensors per token, so page faults cost it little.
     if payload.get("threads"):
         torch.set_num_threads(int(payload["threads"]))
     limit_memory(float(payload.get("max_memory_mb", 0)))
