@@ -1,6 +1,7 @@
 import pytest
 
 from spadeformer.config import SIZES, SYSTEMS, SpadeConfig
+from spadeformer.models import SpadeModel
 
 
 def test_json_round_trip(tmp_path):
@@ -64,9 +65,20 @@ def test_presets_cover_the_paper_systems():
 
 
 def test_ssm_size_defaults_apply_only_where_understood():
+    # the paper freezes S4; the official SPADE code's S4 has no pointwise block
     s4 = SpadeConfig.from_preset("spade-s4-window", size="wikitext103")
-    assert s4.ssm_options == {"d_state": 64, "trainable": False}  # the paper freezes S4
+    assert s4.ssm_options == {"d_state": 64, "trainable": False, "pointwise": False}
+    # the S4 baseline keeps the S4 paper's block (GELU + output linear)
+    assert SpadeConfig.from_preset("s4", size="wikitext103").ssm_options == {
+        "d_state": 64, "trainable": False}
     hyena = SpadeConfig.from_preset("spade-hyena-window", size="wikitext103")
     assert hyena.ssm_options == {}
-    custom = SpadeConfig.from_preset("spade-s4-window", ssm_options={"channels": 2})
-    assert custom.ssm_options == {"d_state": 16, "channels": 2}
+    # an `ssm` override is filtered by what *that* SSM takes
+    s5 = SpadeConfig.from_preset("spade-s4-window", ssm="s5")
+    assert s5.ssm_options == {"d_state": 16}
+    SpadeModel(s5)  # builds: no S4-only option reached S5
+    custom = SpadeConfig.from_preset("spade-s4-window", ssm_options={"channels": 2,
+                                                                      "pointwise": True})
+    assert custom.ssm_options == {"d_state": 16, "pointwise": True, "channels": 2}
+    with pytest.raises(ValueError, match="pointwise=False needs channels=1"):
+        SpadeModel(SpadeConfig.from_preset("spade-s4-window", ssm_options={"channels": 2}))

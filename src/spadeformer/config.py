@@ -227,11 +227,13 @@ class SpadeConfig:
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
         data = dict(SIZES[size])
-        ssm_defaults = data.pop("ssm_defaults", {})
-        data.update(SYSTEMS[system](data))
-        # Size-level SSM defaults (state size, frozen) apply only to SSMs that take them;
+        system_fields = SYSTEMS[system](data)
+        ssm_defaults = {**data.pop("ssm_defaults", {}), **system_fields.pop("ssm_defaults", {})}
+        data.update(system_fields)
+        # Size- and system-level SSM defaults (state size, frozen, pointwise) apply only to the
+        # SSM that will be built (an `ssm` override included) and only if it takes them;
         # explicit ssm_options overrides are merged on top and passed through unfiltered.
-        accepted = _SSM_SIZE_OPTIONS[data.get("ssm", "s4")]
+        accepted = _SSM_SIZE_OPTIONS.get(overrides.get("ssm", data.get("ssm", "s4")), set())
         options = {k: v for k, v in ssm_defaults.items() if k in accepted}
         options.update(overrides.pop("ssm_options", None) or {})
         data["ssm_options"] = options
@@ -263,7 +265,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # Which size-level SSM defaults apply to each SSM kind (the paper freezes S4 only).
 _SSM_SIZE_OPTIONS = {
-    "s4": {"d_state", "trainable"},
+    "s4": {"d_state", "trainable", "pointwise"},
     "s4d": {"d_state"},
     "s5": {"d_state"},
     "hyena": set(),
@@ -278,6 +280,10 @@ def _all_layers(size: dict[str, Any]) -> list[int]:
 def _spade(ssm: str, attention: str):
     def build(size: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = dict(ssm=ssm, attention=attention, global_layers=[0])
+        if ssm == "s4":
+            # the official SPADE code's S4 has no pointwise block (GELU + output linear): the
+            # global layer's mixing projection W follows it (paper Sec. 3: X_global = SSM(LN(X)))
+            out["ssm_defaults"] = {"pointwise": False}
         if size.get("norm") == "post":  # the encoder-decoder setting uses T5 buckets
             out["position"] = "t5"
         return out

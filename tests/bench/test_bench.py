@@ -25,6 +25,7 @@ from spadeformer.bench.generate_bench import (
     synthetic_state,
 )
 from spadeformer.bench.generate_bench import _child_main as generate_child_main
+from spadeformer.bench.machine import out_of_memory
 from spadeformer.bench.plots import ratio_table, spade_targets
 from spadeformer.bench.train_bench import (
     MODELS,
@@ -174,6 +175,30 @@ def test_interleaved_cells_shuffle_and_respect_budget(monkeypatch):
     assert firsts == {"transformer-window", "spade-s4-window"}
 
 
+def test_interleaved_cells_flag_a_model_that_runs_out_of_memory(monkeypatch):
+    from spadeformer.bench import train_bench
+
+    def fake_step(self):
+        if self.name == "transformer-full":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")
+        return 0.5
+
+    real_init = train_bench._Trainee.__init__
+
+    def init(self, name, *args, **kwargs):
+        real_init(self, name, *args, **kwargs)
+        self.name = name
+
+    monkeypatch.setattr(train_bench._Trainee, "__init__", init)
+    monkeypatch.setattr(train_bench._Trainee, "step", fake_step)
+    out = train_bench.run_interleaved_cells(["transformer-full", "spade-s4-window"], SHAPE, 32,
+                                            warmup=1, repeats=2)
+    full, spade = out["transformer-full"], out["spade-s4-window"]
+    assert full["status"] == "skipped" and full["out_of_memory"] is True
+    assert full["note"].startswith("out of memory: DefaultCPUAllocator")
+    assert spade["status"] == "ok" and spade["repeats"] == 2 and "out_of_memory" not in spade
+
+
 def test_min_seconds_needs_interleave(tmp_path, capsys):
     assert main(["bench", "train", "--lengths", "64", "--min-seconds", "5", "--out",
                  str(tmp_path), *TINY]) == 2
@@ -231,11 +256,13 @@ def test_flops_hand_count_tiny():
     d, f, V, L = 32, 128, 256, 64
     spade = train_flops("spade-s4-window", SHAPE, L)
     trainable = (4 * d * f + 8 * d * d + 4 * d * d + 2 * d * V) * L  # ffn, qkvo, mix, head
-    frozen = 2 * d * d * L  # frozen S4 output linear
     attention = 4 * d * (4 * 16 * 32)
+    # SPADE's S4 has no pointwise block, so nothing frozen is a matmul
     assert (spade.trainable_matmul, spade.frozen_matmul, spade.attention) == (
-        trainable, frozen, attention)
-    assert spade.train_step == 3 * trainable + 2 * frozen + 3 * attention == 9_699_328
+        trainable, 0, attention)
+    assert spade.train_step == 3 * trainable + 3 * attention == 9_437_184
+    s4 = train_flops("s4", SHAPE, L)  # the S4 stack keeps its output linear (d -> d)
+    assert s4.trainable_matmul + s4.frozen_matmul == (4 * d * f + 2 * d * d + 2 * d * V) * L
 
     eager = train_flops("transformer-full-eager", SHAPE, L)
     assert eager.train_step == 3 * ((4 * d * f + 8 * d * d + 2 * d * V) * L + 4 * d * L * L)
@@ -388,7 +415,7 @@ def test_interleave_times_alone_a_model_that_runs_out_of_memory_beside_the_other
               "times": [2.0] * 3, "peak_mem_mb": 5.0, "peak_rss_mb": 9.0, "first_step_s": 0.1}
         if payload.get("mode") == "interleave":
             return {"status": "ok", "cells": {
-                m: ({"status": "skipped", "note": "out of memory: can't allocate memory"}
+                m: (out_of_memory("out of memory: can't allocate memory")
                     if m == "transformer-full" else {**ok, "median_s": 1.0, "times": [1.0] * 3})
                 for m in payload["models"]}}
         return ok

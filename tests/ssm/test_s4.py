@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from ssm_helpers import assert_hinted
+from ssm_helpers import assert_hinted, run_steps
 
 import spadeformer.ssm.s4 as s4_module
 from spadeformer.ops.fftconv import fft_conv_ref
@@ -158,6 +158,40 @@ def test_bidirectional_is_forward_part_plus_reversed_part():
     assert not torch.allclose(m(x2)[:, 0], y[:, 0])
 
 
+# ------------------------------------------------------- without the pointwise block (SPADE)
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_without_pointwise_the_output_is_the_ssm_output(trainable, bidirectional):
+    """pointwise=False: y = K * u + D u, nothing after it (the official SPADE global layer)."""
+    torch.manual_seed(0)
+    H, L = 3, 20
+    m = S4(H, d_state=8, bidirectional=bidirectional, trainable=trainable,
+           pointwise=False).double()
+    assert not hasattr(m, "output_linear")
+    assert not any("output_linear" in k for k in m.state_dict())
+    x = torch.randn(2, L, H, dtype=torch.float64)
+    u = x.transpose(1, 2).unsqueeze(1)  # (batch, 1, H, L)
+    K = m.kernel(L)
+    expected = fft_conv_ref(u, K[:1]) + m.D[:, :, None] * u
+    if bidirectional:
+        k_rev_delayed = F.pad(K[1:], (1, 0))[..., :L]
+        expected = expected + fft_conv_ref(u.flip(-1), k_rev_delayed).flip(-1)
+    torch.testing.assert_close(m(x), expected[:, 0].transpose(1, 2), rtol=1e-10, atol=1e-10)
+    if not trainable:
+        assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 0
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_without_pointwise_step_equals_forward(trainable):
+    torch.manual_seed(1)
+    m = S4(5, d_state=8, trainable=trainable, pointwise=False).eval()
+    x = torch.randn(2, 19, 5)
+    y_steps, _ = run_steps(m, x, m.initial_state(2))
+    torch.testing.assert_close(y_steps, m(x), rtol=1e-4, atol=1e-5)
+
+
 def test_causal_does_not_look_ahead():
     m = S4(3, d_state=8)
     x = torch.randn(1, 30, 3)
@@ -309,6 +343,8 @@ def test_output_dtype_follows_input():
         ({"dropout": -0.1}, "dropout must be a number in"),
         ({"dropout": True}, "dropout must be a number in"),
         ({"lr": 0.0}, "lr must be a positive number, got 0.0"),
+        ({"pointwise": False, "channels": 2}, "pointwise=False needs channels=1.*got channels=2"),
+        ({"pointwise": False, "dropout": 0.1}, "with pointwise=False it must be 0, got dropout"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
@@ -322,6 +358,8 @@ def test_bad_flags_raise():
         S4(4, bidirectional="yes")
     with pytest.raises(TypeError, match="trainable must be a bool"):
         S4(4, trainable=1)
+    with pytest.raises(TypeError, match="pointwise must be a bool, got 'no'"):
+        S4(4, pointwise="no")
 
 
 def test_bad_inputs_raise():

@@ -41,6 +41,7 @@ from spadeformer.bench.machine import (
     current_rss_mb,
     is_oom,
     limit_memory,
+    out_of_memory,
     peak_rss_mb,
     resolve_device,
     run_subprocess,
@@ -263,8 +264,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         if not is_oom(err):
             raise
         done = json.loads(result_path.read_text())["rows"] if result_path.is_file() else []
-        result = {"status": "skipped", "note": f"out of memory: {str(err)[:160]}",
-                  "rows": done}
+        result = out_of_memory(f"out of memory: {str(err)[:160]}", rows=done)
     result_path.write_text(json.dumps(result))
     return 0
 

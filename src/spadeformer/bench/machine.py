@@ -92,6 +92,12 @@ def limit_memory(max_mb: float) -> bool:
     return True
 
 
+def out_of_memory(note: str, **extra: Any) -> dict[str, Any]:
+    """A skipped cell that ran out of memory: ``out_of_memory`` says so to the code (the
+    interleaved bench retries such a model alone), the note to the reader."""
+    return {"status": "skipped", "note": note, "out_of_memory": True, **extra}
+
+
 def is_oom(err: BaseException) -> bool:
     """Allocation failures: Python, the CPU / CUDA allocators, and OpenMP failing to map its
     thread stacks (which count against RLIMIT_DATA)."""
@@ -160,10 +166,10 @@ def run_subprocess(module: str, payload: dict[str, Any], timeout: float,
         err = (proc.stderr or "").strip().splitlines()
         last = err[-1] if err else ""
         if proc.returncode < 0:
-            outcome = {"status": "skipped", "note": f"killed by signal {-proc.returncode} "
-                       "(likely out of memory)"}
+            outcome = out_of_memory(f"killed by signal {-proc.returncode} "
+                                    "(likely out of memory)")
         elif any(is_oom(RuntimeError(line)) for line in err[-5:]):
-            outcome = {"status": "skipped", "note": f"out of memory: {last[:160]}"}
+            outcome = out_of_memory(f"out of memory: {last[:160]}")
         else:
             outcome = {"status": "error", "note": f"rc={proc.returncode}: {last[:200]}"}
             log("\n".join(err[-15:]))

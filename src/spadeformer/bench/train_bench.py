@@ -58,6 +58,7 @@ from spadeformer.bench.machine import (
     is_oom,
     limit_memory,
     matmul_peak,
+    out_of_memory,
     peak_rss_mb,
     resolve_device,
     run_subprocess,
@@ -227,7 +228,8 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
 
     Per token, forward, with d = d_model, f = d_ff, V = vocab:
       attention projections q, k, v, out: 8 d^2;  feed-forward: 4 d f;
-      global layer: concat mix W (2d -> d): 4 d^2;  S4 output linear (d -> d): 2 d^2;
+      global layer: concat mix W (2d -> d): 4 d^2;  S4 output linear (d -> d), only where
+      the S4 has its pointwise block (the ``s4`` stack; SPADE's S4 has none): 2 d^2;
       LM head (d -> V, tied to the embedding): 2 d V.
     Per sequence and attention layer: 4 d * pairs (QK^T and PV over all heads), pairs from
     :func:`attention_pairs`. Training step = 3 x forward, except frozen weights (no dW):
@@ -240,6 +242,7 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
     kind = "eager" if name == "transformer-full-eager" else cfg.attention
     trainable = frozen = attention = 0.0
     ssm_trainable = bool(cfg.ssm_options.get("trainable", True))
+    ssm_pointwise = bool(cfg.ssm_options.get("pointwise", True))
     for layer in cfg.layer_kinds():
         trainable += 4 * d * f * tokens
         if cfg.attention != "none":
@@ -247,7 +250,7 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
             pairs = attention_pairs(kind, length, shape.window_size, shape.chunk_size)
             attention += 4 * d * pairs * shape.batch_size
         if layer == "global":
-            out_linear = 2 * d * d * tokens
+            out_linear = 2 * d * d * tokens if ssm_pointwise else 0.0
             if ssm_trainable:
                 trainable += out_linear
             else:
@@ -368,7 +371,7 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
         except (MemoryError, RuntimeError) as err:
             if not is_oom(err):
                 raise
-            results[name].update(status="skipped", note=f"out of memory: {str(err)[:160]}")
+            results[name].update(out_of_memory(f"out of memory: {str(err)[:160]}"))
             del trainees[name]
             return None
         spent[name] += dt
@@ -380,7 +383,7 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
         except (MemoryError, RuntimeError) as err:
             if not is_oom(err):
                 raise
-            results[name] = {"status": "skipped", "note": "out of memory while building"}
+            results[name] = out_of_memory("out of memory while building")
             continue
         results[name] = trainees[name].info()
         spent[name], times[name] = 0.0, []
@@ -452,8 +455,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as err:
         if not is_oom(err):
             raise
-        result = {"status": "skipped", "note": f"out of memory: {str(err)[:160]}",
-                  "peak_rss_mb": peak_rss_mb()}
+        result = out_of_memory(f"out of memory: {str(err)[:160]}", peak_rss_mb=peak_rss_mb())
     Path(args.result).write_text(json.dumps(result))
     return 0
 
@@ -632,7 +634,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     def time_all(round_: int, names: list[str], length: int) -> None:
         for name, timing in interleaved(names, length).items():
             how = "timed interleaved"
-            if isolate and "out of memory" in str(timing.get("note")):
+            if isolate and timing.get("out_of_memory"):
                 # It fitted alone (its memory cell ran), not beside the others: the shared
                 # process's heap keeps every model's freed blocks (spadeformer.allocator's
                 # reuse policy), fragmented. Time it alone rather than lose the cell.

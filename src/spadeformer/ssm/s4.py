@@ -7,14 +7,17 @@ Continuous SSM (SPADE paper Eq. 1-2), one per feature h of d_model:
 with A initialised as HiPPO-LegS (paper Eq. 5), written in normal plus low-rank (NPLR) form
 A = V (Lambda - p p^*) V^* (Gu et al. 2022, "Efficiently Modeling Long Sequences with
 Structured State Spaces", Sec. 3). Only half of each conjugate pair of Lambda, p, B, C is
-stored. It is discretised with the bilinear method (paper Eq. 3), and the layer output follows
-the official S4 block that SPADE uses:
+stored. It is discretised with the bilinear method (paper Eq. 3). The layer output is either the
+S4 paper's block (``pointwise=True``, the default: what the ``s4`` baseline stacks)
 
     y = output_linear(dropout(GELU(K * u + D u)))      output_linear: channels*d_model -> d_model
 
-where K * u is the causal long convolution with the kernel K_k = C Abar^k Bbar (paper Eq. 4),
-one kernel per channel. With ``bidirectional=True`` a second set of C (the official S4 doubles
-the channels) gives a reverse kernel K_rev of the same SSM, and
+or the SSM output itself (``pointwise=False``), y = K * u + D u: the official SPADE code builds
+its global layer's S4 without the pointwise block (its S4 has ``use_pointwise=False``), since the
+global layer's own mixing projection W follows. Here K * u is the causal long convolution
+with the kernel K_k = C Abar^k Bbar (paper Eq. 4), one kernel per channel. With
+``bidirectional=True`` a second set of C (the official S4 doubles the channels) gives a
+reverse kernel K_rev of the same SSM, and
 
     (K * u)[t] = sum_{s <= t} K[t - s] u[s]  +  sum_{s > t} K_rev[s - t - 1] u[s]
                = forward-direction part      +  reversed-direction part
@@ -52,7 +55,7 @@ from spadeformer.ssm.base import (
 __all__ = ["S4"]
 
 # Names of the SSM parameters that get the optimiser hint (A, B and dt, as the official
-# `--s4-lr` option does); C, D and output_linear are ordinary weights.
+# `--s4-lr` option does); C, D and output_linear (when pointwise) are ordinary weights.
 _HINTED = ("log_neg_lambda_re", "lambda_im", "P", "B", "log_dt")
 
 
@@ -79,7 +82,11 @@ class S4(GlobalExtractor):
         lr: learning rate hint for the SSM parameters (Lambda, P, B, log_dt), stored as
             ``param._optim = {"lr": lr, "weight_decay": 0.0}``; None means "the global ssm_lr"
             of :func:`spadeformer.training.optim.param_groups`.
-        dropout: dropout after the GELU.
+        dropout: dropout after the GELU (pointwise block only).
+        pointwise: True = GELU, dropout and ``output_linear`` after the convolution (S4 paper);
+            False = return K * u + D u as it is (the official SPADE global layer; SPADE presets
+            use it). False needs ``channels=1`` (nothing would mix the channels back) and
+            ``dropout=0``.
     """
 
     kernel_cache_size = 8
@@ -95,8 +102,11 @@ class S4(GlobalExtractor):
         dt_max: float = 1e-1,
         lr: float | None = None,
         dropout: float = 0.0,
+        pointwise: bool = True,
     ):
         super().__init__(d_model, bidirectional=bidirectional, trainable=trainable)
+        if not isinstance(pointwise, bool):
+            raise TypeError(f"pointwise must be a bool, got {pointwise!r}")
         check_state_size(
             d_state,
             2,
@@ -112,6 +122,13 @@ class S4(GlobalExtractor):
             raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         check_dropout(dropout)
         check_lr(lr)
+        if not pointwise and channels != 1:
+            raise ValueError(f"pointwise=False needs channels=1 (no output_linear would mix the "
+                             f"channels back to d_model), got channels={channels}")
+        if not pointwise and dropout > 0:
+            raise ValueError(f"dropout acts in the pointwise block only; with pointwise=False "
+                             f"it must be 0, got dropout={dropout}")
+        self.pointwise = pointwise
         self.d_state = d_state
         self.channels = channels
         H, n = d_model, d_state // 2
@@ -133,8 +150,9 @@ class S4(GlobalExtractor):
         # Eigenbasis of the normal part, kept only to map back to the HiPPO basis
         # (continuous_parameters). Persistent so the mapping stays valid after loading.
         self.register_buffer("hippo_V", torch.view_as_real(V).contiguous())  # (N, n, 2) f64
-        self.dropout = nn.Dropout(dropout)
-        self.output_linear = nn.Linear(channels * H, H)
+        if pointwise:
+            self.dropout = nn.Dropout(dropout)
+            self.output_linear = nn.Linear(channels * H, H)
 
         hint = {"lr": lr, "weight_decay": 0.0}
         for name in _HINTED:
@@ -259,7 +277,9 @@ class S4(GlobalExtractor):
     # ------------------------------------------------------------------ forward
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
-        """(..., channels * d_model) pre-activation -> (..., d_model)."""
+        """(..., channels * d_model) SSM output -> (..., d_model)."""
+        if not self.pointwise:
+            return y  # channels == 1
         y = self.dropout(F.gelu(y))
         dtype = y.dtype  # keep the compute dtype even if the module was cast to half
         bias = self.output_linear.bias
@@ -339,7 +359,8 @@ class S4(GlobalExtractor):
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, d_state={self.d_state}, channels={self.channels}"
+            f"{super().extra_repr()}, d_state={self.d_state}, channels={self.channels}, "
+            f"pointwise={self.pointwise}"
         )
 
 
