@@ -128,14 +128,10 @@ def test_bench_train_interleave_memory_per_cell_time_together(tmp_path):
     assert "--interleave" in (out / "command.txt").read_text()
 
 
-def test_interleaved_cells_shuffle_and_respect_budget(monkeypatch):
+def _fake_steps(monkeypatch, fake_step):
+    """Real models (built as the bench builds them), but ``step`` replaced by ``fake_step``,
+    which can read the model's name from ``self.name``."""
     from spadeformer.bench import train_bench
-
-    calls = []
-
-    def fake_step(self):
-        calls.append(self.name)
-        return {"transformer-full": 2.0}.get(self.name, 0.5)
 
     real_init = train_bench._Trainee.__init__
 
@@ -145,6 +141,18 @@ def test_interleaved_cells_shuffle_and_respect_budget(monkeypatch):
 
     monkeypatch.setattr(train_bench._Trainee, "__init__", init)
     monkeypatch.setattr(train_bench._Trainee, "step", fake_step)
+
+
+def test_interleaved_cells_shuffle_and_respect_budget(monkeypatch):
+    from spadeformer.bench import train_bench
+
+    calls = []
+
+    def fake_step(self):
+        calls.append(self.name)
+        return {"transformer-full": 2.0}.get(self.name, 0.5)
+
+    _fake_steps(monkeypatch, fake_step)
     names = ["transformer-window", "transformer-full", "spade-s4-window"]
     out = train_bench.run_interleaved_cells(names, SHAPE, 32, warmup=1, repeats=3,
                                             max_seconds=5.0)
@@ -183,14 +191,7 @@ def test_interleaved_cells_flag_a_model_that_runs_out_of_memory(monkeypatch):
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")
         return 0.5
 
-    real_init = train_bench._Trainee.__init__
-
-    def init(self, name, *args, **kwargs):
-        real_init(self, name, *args, **kwargs)
-        self.name = name
-
-    monkeypatch.setattr(train_bench._Trainee, "__init__", init)
-    monkeypatch.setattr(train_bench._Trainee, "step", fake_step)
+    _fake_steps(monkeypatch, fake_step)
     out = train_bench.run_interleaved_cells(["transformer-full", "spade-s4-window"], SHAPE, 32,
                                             warmup=1, repeats=2)
     full, spade = out["transformer-full"], out["spade-s4-window"]
