@@ -125,6 +125,7 @@ def test_bench_train_interleave_memory_per_cell_time_together(tmp_path):
         assert r["status"] == "ok" and "timed interleaved" in r["note"], r
         assert int(r["repeats"]) == 2 and float(r["median_s"]) > 0
         assert float(r["peak_rss_mb"]) >= float(r["baseline_rss_mb"]) > 0
+        assert float(r["faults_per_step"]) >= 0  # page faults of the timed steps, counted
     assert "--interleave" in (out / "command.txt").read_text()
 
 
@@ -156,9 +157,9 @@ def test_interleaved_cells_shuffle_and_respect_budget(monkeypatch):
     names = ["transformer-window", "transformer-full", "spade-s4-window"]
     out = train_bench.run_interleaved_cells(names, SHAPE, 32, warmup=1, repeats=3,
                                             max_seconds=5.0)
-    # warm-up one each in order, then rounds in shuffled orders; the full model's 2 s steps
-    # stop once another would pass its own 5 s budget (1 warm-up + 1 timed = 4 s, next = 6 s)
-    assert calls[:3] == names
+    # a warm-up round and then timed rounds, each in a shuffled order; the full model's 2 s
+    # steps stop once another would pass its own 5 s budget (1 warm-up + 1 timed = 4 s, next 6)
+    assert sorted(calls[:3]) == sorted(names)
     assert sorted(calls[3:6]) == sorted(names)  # round 1: everyone once
     assert sorted(calls[6:]) == ["spade-s4-window"] * 2 + ["transformer-window"] * 2
     first = list(calls)  # the order is seeded: the same call repeats it
@@ -182,6 +183,29 @@ def test_interleaved_cells_shuffle_and_respect_budget(monkeypatch):
     firsts = {pairs[i] for i in range(0, len(pairs), 2)}
     assert firsts == {"transformer-window", "spade-s4-window"}
 
+
+def test_interleaved_warmup_rounds_step_every_model_before_any_timed_step(monkeypatch):
+    """Warm-up is interleaved too (the shared heap settles only once every model has stepped
+    beside the others): no timed step before every warm-up round is done, and the timed
+    steps' page faults are reported."""
+    from spadeformer.bench import train_bench
+
+    calls = []
+
+    def fake_step(self):
+        calls.append(self.name)
+        self.last_faults = 3 if len(calls) > 6 else 1000  # warm-up steps fault the most
+        return 0.5
+
+    _fake_steps(monkeypatch, fake_step)
+    names = ["transformer-window", "transformer-full", "spade-s4-window"]
+    out = train_bench.run_interleaved_cells(names, SHAPE, 32, warmup=2, repeats=2)
+    assert len(calls) == 3 * (2 + 2)
+    for r in range(4):  # every round, warm-up or timed, steps each model once
+        assert sorted(calls[3 * r : 3 * r + 3]) == sorted(names)
+    for name in names:
+        assert out[name]["repeats"] == 2 and out[name]["faults"] == [3, 3]
+        assert out[name]["faults_per_step"] == 3
 
 def test_interleaved_cells_flag_a_model_that_runs_out_of_memory(monkeypatch):
     from spadeformer.bench import train_bench

@@ -58,6 +58,7 @@ from spadeformer.bench.machine import (
     is_oom,
     limit_memory,
     matmul_peak,
+    minor_faults,
     out_of_memory,
     peak_rss_mb,
     resolve_device,
@@ -98,7 +99,7 @@ TRAIN_COLUMNS = (
     "first_step_s", "tokens_per_s", "gflop_per_step", "gflops", "pct_of_peak", "peak_mem_mb",
     "peak_rss_mb", "baseline_rss_mb", "params", "trainable_params", "device", "threads",
     "batch_size", "d_model", "n_layers", "n_heads", "d_ff", "d_state", "window_size",
-    "chunk_size", "matmul_peak_gflops",
+    "chunk_size", "matmul_peak_gflops", "faults_per_step",
 )
 
 
@@ -281,19 +282,27 @@ class _Trainee:
                 "threads": torch.get_num_threads(), "device": str(self.device)}
 
     def step(self) -> float:
-        """One training step (zero_grad, forward, backward, AdamW); returns its seconds."""
+        """One training step (zero_grad, forward, backward, AdamW); returns its seconds and
+        leaves the step's minor page faults in ``last_faults``."""
+        faults = minor_faults()
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         self.model(self.ids, labels=self.ids).loss.backward()
         self.opt.step()
         sync(self.device)
-        return time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.last_faults = minor_faults() - faults
+        return dt
 
 
-def _timed(result: dict[str, Any], times: list[float], repeats: int) -> dict[str, Any]:
-    """Add the timing summary of ``times`` (the timed steps) to ``result``."""
+def _timed(result: dict[str, Any], times: list[float], repeats: int,
+           faults: list[int | None] | None = None) -> dict[str, Any]:
+    """Add the timing summary of ``times`` (the timed steps) to ``result``; ``faults``: the
+    same steps' minor page faults (None where unknown)."""
     result.update(status="ok", note=result.get("note", ""), median_s=statistics.median(times),
                   min_s=min(times), max_s=max(times), repeats=len(times), times=times)
+    if faults and all(f is not None for f in faults):
+        result.update(faults_per_step=statistics.median(faults), faults=faults)
     if len(times) < repeats:
         result["note"] = f"only {len(times)}/{repeats} repeats fit in max_seconds"
     return result
@@ -316,6 +325,7 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
     trainee = _Trainee(name, shape, length, device, seed)
     result: dict[str, Any] = {**trainee.info(), "baseline_rss_mb": baseline_rss}
     times: list[float] = []
+    faults: list[int | None] = []
     total = warmup + repeats
     for i in range(total):
         dt = trainee.step()
@@ -328,12 +338,13 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
                 break
         if i >= warmup:
             times.append(dt)
+            faults.append(getattr(trainee, "last_faults", None))
         if i + 1 < total and time.perf_counter() - start + dt > max_seconds:
             if not times:
                 result.update(status="skipped", note="time budget spent in warm-up")
             break
     if times:
-        _timed(result, times, repeats)
+        _timed(result, times, repeats, faults)
     peak_rss = peak_rss_mb()
     result["peak_rss_mb"] = peak_rss
     if device.type == "cuda":
@@ -350,22 +361,27 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
                           ) -> dict[str, dict[str, Any]]:
     """Time every model of ``names`` at one length in this process, stepping them in turn.
 
-    After ``warmup`` steps each, go in rounds: one step of every model that still wants one,
-    in a new random (seeded) order each round. A model wants steps until it has ``repeats`` timed
-    steps and they add up to ``min_seconds`` (so short lengths, whose steps are quick and
-    noisy, get more of them). A slow spell of the machine (foreign load, thermal or memory
-    bandwidth drift) then lands on every model alike, so ratios between models are much
-    steadier than with one model after the other. ``max_seconds`` is each model's own budget
-    (the sum of its steps). Memory is not measured here (the process is shared); a model that
-    runs out of memory is recorded as skipped and the others go on. Returns name -> result.
+    Build every model, then go in rounds: one step of every model that still wants one, in a
+    new random (seeded) order each round. The first ``warmup`` rounds are not timed; they are
+    interleaved too, because the heap these models share settles into the layout the timed
+    rounds reuse only once every model has stepped beside the others (before that a step can
+    fault tens of thousands of fresh pages in, ~0.1-0.4 s at 16k tokens). A model wants
+    steps until it has ``repeats`` timed steps and they add up to ``min_seconds`` (so short
+    lengths, whose steps are quick and noisy, get more of them). A slow spell of the machine
+    (foreign load, thermal or memory bandwidth drift) then lands on every model alike, so
+    ratios between models are much steadier than with one model after the other.
+    ``max_seconds`` is each model's own budget (the sum of its steps). Memory is not measured
+    here (the process is shared); a model that runs out of memory is recorded as skipped and
+    the others go on. Returns name -> result (with the timed steps' page faults).
     """
     device = torch.device(device)
     results: dict[str, dict[str, Any]] = {}
     trainees: dict[str, _Trainee] = {}
     spent: dict[str, float] = {}
     times: dict[str, list[float]] = {}
+    faults: dict[str, list[int | None]] = {}
 
-    def step(name: str) -> float | None:
+    def step(name: str, timed: bool) -> None:
         try:
             dt = trainees[name].step()
         except (MemoryError, RuntimeError) as err:
@@ -373,9 +389,12 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
                 raise
             results[name].update(out_of_memory(f"out of memory: {str(err)[:160]}"))
             del trainees[name]
-            return None
+            return
         spent[name] += dt
-        return dt
+        results[name].setdefault("first_step_s", dt)
+        if timed:
+            times[name].append(dt)
+            faults[name].append(getattr(trainees[name], "last_faults", None))
 
     for name in names:
         try:
@@ -386,13 +405,7 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
             results[name] = out_of_memory("out of memory while building")
             continue
         results[name] = trainees[name].info()
-        spent[name], times[name] = 0.0, []
-        for i in range(warmup):
-            dt = step(name)
-            if dt is None:
-                break
-            if i == 0:
-                results[name]["first_step_s"] = dt
+        spent[name], times[name], faults[name] = 0.0, [], []
 
     def wants_step(name: str) -> bool:
         if name not in trainees:
@@ -406,18 +419,19 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
     # keep each model's predecessor, and a model stepped right after a memory-hungry one pays
     # for faulting its own pages back in (~0.1 s per GB here): a bias, not noise.
     shuffle = random.Random(seed * 1_000_003 + length)
+    for _ in range(warmup):
+        for name in shuffle.sample(names, len(names)):
+            if name in trainees:
+                step(name, timed=False)
     r = 0
     while any(wants_step(name) for name in names) and r < repeats + 10_000:
         for name in shuffle.sample(names, len(names)):
             if wants_step(name):
-                dt = step(name)
-                if dt is not None:
-                    times[name].append(dt)
-                    results[name].setdefault("first_step_s", dt)
+                step(name, timed=True)
         r += 1
     for name, result in results.items():
         if times.get(name) and result.get("status") != "skipped":
-            _timed(result, times[name], repeats)
+            _timed(result, times[name], repeats, faults[name])
         elif result.get("status") != "skipped":
             result.update(status="skipped", note="no timed step fit in max_seconds")
     return results
