@@ -437,12 +437,16 @@ def test_interleave_times_alone_a_model_that_runs_out_of_memory_beside_the_other
     def fake_subprocess(module, payload, timeout, log):
         payloads.append(payload)
         ok = {"status": "ok", "median_s": 2.0, "min_s": 2.0, "max_s": 2.0, "repeats": 3,
-              "times": [2.0] * 3, "peak_mem_mb": 5.0, "peak_rss_mb": 9.0, "first_step_s": 0.1}
+              "times": [2.0] * 3, "peak_mem_mb": 5.0, "peak_rss_mb": 9.0, "first_step_s": 0.1,
+              "faults_per_step": 7, "faults": [7] * 3}
         if payload.get("mode") == "interleave":
             return {"status": "ok", "cells": {
                 m: (out_of_memory("out of memory: can't allocate memory")
-                    if m == "transformer-full" else {**ok, "median_s": 1.0, "times": [1.0] * 3})
+                    if m == "transformer-full" else {**ok, "median_s": 1.0, "times": [1.0] * 3,
+                                                     "faults_per_step": 3, "faults": [3] * 3})
                 for m in payload["models"]}}
+        if payload["repeats"] == 1:  # a memory cell (system malloc) faults far more
+            return {**ok, "faults_per_step": 9999, "faults": [9999]}
         return ok
 
     monkeypatch.setattr(train_bench, "run_subprocess", fake_subprocess)
@@ -456,3 +460,5 @@ def test_interleave_times_alone_a_model_that_runs_out_of_memory_beside_the_other
     assert full["status"] == "ok" and full["median_s"] == 2.0
     assert "timed alone (out of memory beside the other models)" in full["note"]
     assert spade["median_s"] == 1.0 and "timed interleaved" in spade["note"]
+    # page faults come from the timed steps, never from the memory cell's system-malloc steps
+    assert (full["faults_per_step"], spade["faults_per_step"]) == (7, 3)

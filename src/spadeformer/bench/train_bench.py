@@ -641,9 +641,12 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                           how: str = "timed interleaved") -> dict[str, Any]:
         if timing.get("status") != "ok":
             return timing
-        keys = ("status", "median_s", "min_s", "max_s", "repeats", "times")
+        keys = ("status", "median_s", "min_s", "max_s", "repeats", "times", "faults_per_step",
+                "faults")
         note = " ".join(filter(None, [timing.get("note"), how]))
-        return {**memory[(length, name)], **{k: timing[k] for k in keys}, "note": note}
+        # the memory cell's own page faults (system malloc, first steps) describe no timed step
+        mem = {k: v for k, v in memory[(length, name)].items() if k not in keys}
+        return {**mem, **{k: timing[k] for k in keys if k in timing}, "note": note}
 
     def time_all(round_: int, names: list[str], length: int) -> None:
         for name, timing in interleaved(names, length).items():
