@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU half of issue 6 as one prepared run, sized for a 15-minute device lease (machine start
-# included; at most 8.5 minutes of stages): the CUDA-only tests, then `spadeformer bench train` up to 32k tokens with the
-# automatic attention backend (FlexAttention on CUDA) and with blocked SDPA forced, then
-# `bench generate`. Each stage has its own time limit, so a slow stage never costs the results
-# of the others; everything lands in one tarball (the device tool returns at most 8 files).
+# The GPU half of issue 6 as one prepared run, sized for a 15-minute device lease (machine
+# start included; the stages' limits add up to 8.5 minutes): the CUDA-only tests, then
+# `spadeformer bench train` up to 32k tokens with the automatic attention backend (FlexAttention
+# on CUDA) and with blocked SDPA forced, then `bench generate`. Each stage has its own time
+# limit, so a slow stage never costs the results of the others; everything lands in one
+# tarball (the device tool returns at most 8 files).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR              # on the GPU machine (its python3 has torch)
 #   SMOKE=1 DEVICE=cpu bash benchmarks/gpu_check.sh /tmp/gpu-smoke   # try the script here
 #
-# Nothing is installed: the package runs from src/ (PYTHONPATH). Results: OUT_DIR/gpu_check.tar.gz
-# holding env.txt, pytest.txt, train-flex/, train-sdpa/, generate/ and a log per stage.
+# Nothing is installed: the package runs from src/ (PYTHONPATH). Results:
+# OUT_DIR/gpu_check.tar.gz holding env.txt, pytest.txt, train-flex/, train-sdpa/, generate/
+# and a log per stage.
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR}
 device=${DEVICE:-cuda}
