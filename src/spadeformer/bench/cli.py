@@ -97,7 +97,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_int_list, default=_int_list(DEFAULT_LENGTHS))
     p.add_argument("--models", type=_name_list, default=list(MODELS),
                    help=f"comma-separated, from {','.join(MODELS)}")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per cell")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps per cell (with --interleave: untimed rounds of all "
+                        "models; 2 lets the shared heap settle, see benchmarks/README.md)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per cell (median)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the whole sweep; per cell, the median over all rounds' steps "

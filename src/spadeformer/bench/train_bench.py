@@ -275,6 +275,7 @@ class _Trainee:
         self.ids = torch.randint(0, shape.vocab_size, (shape.batch_size, length),
                                  device=device)
         self.device = device
+        self.last_faults: int | None = None  # minor page faults of the last step
 
     def info(self) -> dict[str, Any]:
         return {"params": self.model.num_parameters(),
