@@ -10,8 +10,8 @@
 #   SMOKE=1 DEVICE=cpu bash benchmarks/gpu_check.sh /tmp/gpu-smoke   # try the script here
 #
 # Nothing is installed: the package runs from src/ (PYTHONPATH). Results:
-# OUT_DIR/gpu_check.tar.gz holding env.txt, pytest.txt, train-flex/, train-sdpa/, generate/
-# and a log per stage.
+# OUT_DIR/gpu_check.tar.gz holding env.txt, train-flex/, train-sdpa/, generate/ and a log per
+# stage (pytest.log is the tests' output).
 set -uo pipefail
 out=${1:?usage: gpu_check.sh OUT_DIR}
 device=${DEVICE:-cuda}
@@ -43,7 +43,6 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else '')"; } >"$work/e
 # the compiled FlexAttention kernel against the dense reference (values and gradients), and
 # the attention tests on whatever device the tests pick
 stage pytest 120 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
-cp "$work/pytest.log" "$work/pytest.txt"
 
 bench=("$py" -m spadeformer.cli bench train --lengths "$lengths" --device "$device"
        --in-process --warmup 2 --repeats 5 --max-seconds 60 "${shape[@]}")

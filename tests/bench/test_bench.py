@@ -207,6 +207,7 @@ def test_interleaved_warmup_rounds_step_every_model_before_any_timed_step(monkey
         assert out[name]["repeats"] == 2 and out[name]["faults"] == [3, 3]
         assert out[name]["faults_per_step"] == 3
 
+
 def test_interleaved_cells_flag_a_model_that_runs_out_of_memory(monkeypatch):
     from spadeformer.bench import train_bench
 

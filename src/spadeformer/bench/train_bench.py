@@ -339,7 +339,7 @@ def run_train_cell(name: str, shape: BenchShape, length: int, *, warmup: int = 1
                 break
         if i >= warmup:
             times.append(dt)
-            faults.append(getattr(trainee, "last_faults", None))
+            faults.append(trainee.last_faults)
         if i + 1 < total and time.perf_counter() - start + dt > max_seconds:
             if not times:
                 result.update(status="skipped", note="time budget spent in warm-up")
@@ -395,7 +395,7 @@ def run_interleaved_cells(names: list[str], shape: BenchShape, length: int, *,
         results[name].setdefault("first_step_s", dt)
         if timed:
             times[name].append(dt)
-            faults[name].append(getattr(trainees[name], "last_faults", None))
+            faults[name].append(trainees[name].last_faults)
 
     for name in names:
         try:
