@@ -37,6 +37,7 @@ from spadeformer.bench.train_bench import (
     train_flops,
 )
 from spadeformer.cli import main
+from spadeformer.ops import cpu_window_attn
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--window", "16",
@@ -278,15 +279,16 @@ def test_bad_model_name_is_a_cli_error(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ FLOPs
 def test_flops_hand_count_tiny():
-    # d=32, d_ff=128, vocab 256, 1 layer, L=64, window 16 (block 16, 4 blocks of 16 + 16 keys)
+    # d=32, d_ff=128, vocab 256, 1 layer, L=64, window 16: 4 blocks of 16 queries, the first
+    # causal over its own 16 keys, the other 3 against 16 + 16 keys
     d, f, V, L = 32, 128, 256, 64
     spade = train_flops("spade-s4-window", SHAPE, L)
     trainable = (4 * d * f + 8 * d * d + 4 * d * d + 2 * d * V) * L  # ffn, qkvo, mix, head
-    attention = 4 * d * (4 * 16 * 32)
+    attention = 4 * d * (3 * 16 * 32 + 16 * 17 // 2)
     # SPADE's S4 has no pointwise block, so nothing frozen is a matmul
     assert (spade.trainable_matmul, spade.frozen_matmul, spade.attention) == (
         trainable, 0, attention)
-    assert spade.train_step == 3 * trainable + 3 * attention == 9_437_184
+    assert spade.train_step == 3 * trainable + 3 * attention == 9_292_800
     s4 = train_flops("s4", SHAPE, L)  # the S4 stack keeps its output linear (d -> d)
     assert s4.trainable_matmul + s4.frozen_matmul == (4 * d * f + 2 * d * d + 2 * d * V) * L
 
@@ -297,8 +299,12 @@ def test_flops_hand_count_tiny():
 
 
 def test_attention_pairs_edge_cases():
-    assert attention_pairs("window", 100, 16, 16) == 7 * 16 * 32  # ragged last block padded
+    # ragged last block padded; 7 blocks of 16 queries, the first of them causal over 16 keys
+    assert attention_pairs("window", 100, 16, 16) == 6 * 16 * 32 + 16 * 17 // 2
+    # two sequences flattened: 13 banded blocks, 2 causal sequence starts
+    assert attention_pairs("window", 100, 16, 16, batch=2) == 13 * 16 * 32 + 2 * 16 * 17 // 2
     assert attention_pairs("window", 10, 16, 16) == 10 * (10 + 9)  # window wider than L
+    assert attention_pairs("chunk", 100, 16, 16, batch=3) == 3 * 7 * 16 * 17 // 2
     assert attention_pairs("chunk", 100, 16, 16) == 7 * 16 * 17 // 2
     assert attention_pairs("eager", 5, 1, 1) == 25
     with pytest.raises(ValueError, match="kind must be one of"):
@@ -307,24 +313,32 @@ def test_attention_pairs_edge_cases():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_flops_match_the_matmuls_the_model_runs(name, monkeypatch):
-    """Count every F.linear, SDPA call and eager einsum of a real forward pass."""
+    """Count every F.linear, SDPA / CPU flash call and eager einsum of a real forward pass."""
     shape = BenchShape(d_model=32, n_layers=2, n_heads=2, d_state=8, window_size=16,
                        chunk_size=16, batch_size=2)
     L = 100  # not a multiple of the window / chunk: the padded last block counts
     model = build_model(name, shape)
     seen = {"trainable": 0, "frozen": 0, "attention": 0}
     linear, sdpa, einsum = F.linear, F.scaled_dot_product_attention, torch.einsum
+    flash = cpu_window_attn._flash_forward
 
     def count_linear(x, weight, bias=None):
         kind = "trainable" if weight.requires_grad else "frozen"
         seen[kind] += 2 * x.numel() * weight.shape[0]
         return linear(x, weight, bias)
 
-    def count_sdpa(q, k, v, *args, **kwargs):
+    def count_attention(q, k, is_causal):
         n, lq, lk = q.shape[:-2].numel(), q.shape[-2], k.shape[-2]
-        pairs = lq * (lq + 1) // 2 if kwargs.get("is_causal") else lq * lk
+        pairs = lq * (lq + 1) // 2 if is_causal else lq * lk
         seen["attention"] += 2 * 2 * n * pairs * q.shape[-1]
+
+    def count_sdpa(q, k, v, *args, **kwargs):
+        count_attention(q, k, kwargs.get("is_causal", False))
         return sdpa(q, k, v, *args, **kwargs)
+
+    def count_flash(q, k, v, is_causal, attn_mask=None):  # the CPU window path's kernel
+        count_attention(q, k, is_causal)
+        return flash(q, k, v, is_causal, attn_mask)
 
     def count_einsum(eq, *ops):
         out = einsum(eq, *ops)
@@ -334,6 +348,7 @@ def test_flops_match_the_matmuls_the_model_runs(name, monkeypatch):
 
     monkeypatch.setattr(F, "linear", count_linear)
     monkeypatch.setattr(F, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(cpu_window_attn, "_flash_forward", count_flash)
     monkeypatch.setattr(torch, "einsum", count_einsum)
     ids = torch.randint(0, shape.vocab_size, (shape.batch_size, L))
     model(ids, labels=ids)

@@ -182,28 +182,36 @@ def build_model(name: str, shape: BenchShape):
 
 
 # --------------------------------------------------------------------------------- FLOPs
-def attention_pairs(kind: str, length: int, window_size: int, chunk_size: int) -> int:
-    """(query, key) score pairs one (sequence, head) computes in the forward pass.
+def attention_pairs(
+    kind: str, length: int, window_size: int, chunk_size: int, batch: int = 1
+) -> int:
+    """(query, key) score pairs one head computes over a batch of sequences, forward pass.
 
-    * eager: the dense L x L score matrix (masked entries are computed too);
-    * full (SDPA, causal): the causal triangle L (L + 1) / 2 — fused causal kernels skip the
-      tiles above the diagonal (their tile rounding on the diagonal is not counted);
-    * window: what the blocked kernel of ``ops.local_attn`` computes: queries in blocks of
-      b = min(w, L), each block against b + min(w, L - 1) keys, over ceil(L / b) blocks
-      (the ragged last block is padded and computed too);
-    * chunk: ceil(L / c) causal blocks of c = min(chunk, L): c (c + 1) / 2 pairs each.
+    * eager: the dense L x L score matrix per sequence (masked entries are computed too);
+    * full (SDPA, causal): the causal triangle L (L + 1) / 2 per sequence -- fused causal
+      kernels skip the tiles above the diagonal (their tile rounding is not counted);
+    * window, L > w: what :mod:`spadeformer.ops.cpu_window_attn` computes: the batch's
+      ceil(L / w) blocks per sequence, flattened, all but the first against 2w keys, plus one
+      causal w x w block per sequence (the sequence starts, redone);
+    * window, L <= w (the generic blocked kernel of ``ops.local_attn``): one block of L
+      queries against L + (L - 1) keys per sequence;
+    * chunk: ceil(L / c) causal blocks of c = min(chunk, L) per sequence: c (c + 1) / 2 pairs
+      each.
+    Ragged last blocks are padded and computed too.
     """
     L = length
     if kind == "eager":
-        return L * L
+        return batch * L * L
     if kind == "full":
-        return L * (L + 1) // 2
+        return batch * L * (L + 1) // 2
     if kind == "window":
-        block, w = min(window_size, L), min(window_size, L - 1)
-        return math.ceil(L / block) * block * (block + w)
+        if L > window_size:
+            w = window_size
+            return (batch * math.ceil(L / w) - 1) * w * 2 * w + batch * w * (w + 1) // 2
+        return batch * L * (2 * L - 1)
     if kind == "chunk":
         block = min(chunk_size, L)
-        return math.ceil(L / block) * block * (block + 1) // 2
+        return batch * math.ceil(L / block) * block * (block + 1) // 2
     raise ValueError(f"kind must be one of ['eager', 'full', 'window', 'chunk'], got {kind!r}")
 
 
@@ -232,7 +240,7 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
       global layer: concat mix W (2d -> d): 4 d^2;  S4 output linear (d -> d), only where
       the S4 has its pointwise block (the ``s4`` stack; SPADE's S4 has none): 2 d^2;
       LM head (d -> V, tied to the embedding): 2 d V.
-    Per sequence and attention layer: 4 d * pairs (QK^T and PV over all heads), pairs from
+    Per attention layer: 4 d * pairs (QK^T and PV over all heads), pairs from
     :func:`attention_pairs`. Training step = 3 x forward, except frozen weights (no dW):
     2 x forward. Not counted: the S4 FFT convolution and kernel generation, norms,
     activations, softmax, the optimizer step.
@@ -248,8 +256,10 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
         trainable += 4 * d * f * tokens
         if cfg.attention != "none":
             trainable += 8 * d * d * tokens
-            pairs = attention_pairs(kind, length, shape.window_size, shape.chunk_size)
-            attention += 4 * d * pairs * shape.batch_size
+            pairs = attention_pairs(
+                kind, length, shape.window_size, shape.chunk_size, shape.batch_size
+            )
+            attention += 4 * d * pairs
         if layer == "global":
             out_linear = 2 * d * d * tokens if ssm_pointwise else 0.0
             if ssm_trainable:

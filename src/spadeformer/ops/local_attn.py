@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from spadeformer.ops import cpu_window_attn
 from spadeformer.ops.flex_attn import flex_local_attention, note_failure, pick_backend
 
 __all__ = [
@@ -399,7 +400,9 @@ def sliding_window_attention(
 
     Queries go in blocks of ``block_size`` (default: window_size); each block attends to its
     own keys plus the ``window_size`` keys before it (and after it when not causal), so every
-    SDPA call sees at most block + 2 * window keys per query.
+    SDPA call sees at most block + 2 * window keys per query. On CPU the common causal case
+    (block = window, no mask, bias or dropout) takes :mod:`spadeformer.ops.cpu_window_attn`,
+    which reads the key band as a view instead of copying it.
     """
     _check_qkv(q, k, v)
     _check_size("window_size", window_size)
@@ -410,6 +413,11 @@ def sliding_window_attention(
     _check_kpm(key_padding_mask, q.shape[0], L)
     w = min(window_size, L - 1)  # a window wider than the sequence sees all of it
     block = min(block_size or max(window_size, 1), L)
+    if cpu_window_attn.supported(
+        q, k, v, window=w, block=block, causal=causal, key_padding_mask=key_padding_mask,
+        bias=bias, dropout_p=dropout_p,
+    ):
+        return cpu_window_attn.causal_window_attention_cpu(q, k, v, w)
     return _blocked_attention(
         q,
         k,
