@@ -124,3 +124,40 @@ def test_a_window_as_long_as_the_sequence_stays_generic(calls):
     q, k, v = projection_layout(1, 2, W, 4)  # L = W: one block, nothing to band
     sliding_window_attention(q, k, v, W)
     assert calls == []
+
+
+def test_a_nan_in_one_sequence_stays_in_it():
+    # the flattened view scores block 0 of sequence 1 against the end of sequence 0
+    q, k, v = projection_layout(2, 1, 2 * W, 2)
+    with torch.no_grad():
+        k[0, 0, -1, 0] = float("nan")
+    out = cpu_window_attn.causal_window_attention_cpu(q, k, v, W)
+    assert torch.isfinite(out[1]).all()
+    out[1].sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad[1]).all()
+
+
+def test_backward_cannot_be_differentiated_again():
+    q, k, v = projection_layout(1, 2, 2 * W, 4)
+    out = cpu_window_attn.causal_window_attention_cpu(q, k, v, W)
+    g = torch.randn_like(out, requires_grad=True)
+    (gq,) = torch.autograd.grad(out, q, g, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gq.sum().backward()
+
+
+def test_empty_heads_stay_generic(calls):
+    q = torch.randn(2, 0, 3 * W, 4)
+    assert sliding_window_attention(q, q, q, W).shape == q.shape
+    assert calls == []
+
+
+def test_autocast_and_torch_func_stay_generic(calls):
+    q, k, v = projection_layout(1, 2, 3 * W, 4, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sliding_window_attention(q, k, v, W)
+    grad = torch.func.grad(lambda q: sliding_window_attention(q, k, v, W).sum())(q.detach())
+    assert calls == []
+    want = torch.autograd.grad(attention_ref(q, k, v, "window", window_size=W).sum(), q)[0]
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)

@@ -197,7 +197,9 @@ def attention_pairs(
       queries against L + (L - 1) keys per sequence;
     * chunk: ceil(L / c) causal blocks of c = min(chunk, L) per sequence: c (c + 1) / 2 pairs
       each.
-    Ragged last blocks are padded and computed too.
+    Ragged last blocks are padded and computed too. The window and chunk counts follow the CPU
+    kernels; on CUDA the FlexAttention kernel computes the 128 x 128 tiles its block mask
+    keeps instead, which these counts do not model.
     """
     L = length
     if kind == "eager":

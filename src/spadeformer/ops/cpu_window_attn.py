@@ -12,8 +12,12 @@ inputs; its backward returns each block's band gradient, folded back with one co
 Where a sequence starts (block 0 of each sequence), the band would reach into the previous
 sequence (or before the tensor). Those blocks are computed by a second, small causal flash call
 over keys [0, w) of each sequence; in the big call (which covers them for batch > 1) their
-output is overwritten and their output gradient is zero, so the foreign key slots neither get
-nor send gradient.
+output is overwritten, their output gradient is zero and their band gradients are dropped, so
+nothing (not even a NaN) crosses from one sequence to another.
+
+The output is a view of a tensor saved for the backward (as with
+``F.scaled_dot_product_attention``, which saves its output): modifying it in place before
+``backward()`` raises; change a copy instead.
 
 Scope (:func:`supported`): CPU, causal, block = window = w, no padding mask, no bias, no
 dropout, q / k / v of one shape, L > w. L need not be a multiple of w: the tail is zero-padded,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["causal_window_attention_cpu", "supported"]
 
@@ -53,12 +58,23 @@ def supported(
         and causal
         and window == block
         and q.shape[2] > block
+        and q.numel() > 0  # the CPU kernel divides by the head count
         and key_padding_mask is None
         and bias is None
         and dropout_p == 0.0
         and q.shape == k.shape == v.shape
+        and q.dtype == k.dtype == v.dtype
         and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
+        # the private kernel is not autocast, and this Function has no setup_context for
+        # torch.func transforms: both keep the generic (SDPA) path
+        and not torch.is_autocast_enabled("cpu")
+        and not _functorch_active()
     )
+
+
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _flash_forward(q, k, v, is_causal: bool, attn_mask: torch.Tensor | None = None):
@@ -93,6 +109,11 @@ def _fold_band_grad(g: torch.Tensor, w: int, like: torch.Tensor) -> torch.Tensor
     """Band gradients (M - 1, H, 2w, d) of blocks 1 .. M-1 -> (B, Lp, H, d) like ``like``: slot
     w + i is row i of its own block, slot i row i of the block before."""
     g = g.transpose(1, 2)  # (M - 1, 2w, H, d): the kernel's memory layout, a view
+    # Sequence starts after the first (flattened blocks nb, 2 nb, ... = entries nb - 1, ...)
+    # were scored against the previous sequence: their output gradient was zero, but 0 * inf
+    # or NaN there would leak into both sequences, so their band gradients are dropped.
+    nb = like.shape[1] // w
+    g[nb - 1 :: nb] = 0.0
     out = torch.empty_like(like)
     blocks = out.view(-1, w, *out.shape[2:])  # (M, w, H, d)
     blocks[0] = 0.0
@@ -132,6 +153,7 @@ class _CausalWindowAttention(torch.autograd.Function):
         return out[:, :L].transpose(1, 2)  # (B, H, L, d)
 
     @staticmethod
+    @once_differentiable  # the flash backward has no derivative
     def backward(ctx, grad):
         qm, km, vm, out, lse, lse0, mask = ctx.saved_tensors
         L, w = ctx.length, ctx.window
