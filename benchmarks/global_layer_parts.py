@@ -12,11 +12,10 @@ The same shapes as ``spadeformer bench train`` (d_model 512, 4 layers, window 25
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 
 import torch
+from random_rounds import print_medians, time_in_random_order, timed
 
 from spadeformer.allocator import reuse_freed_memory
 from spadeformer.bench.train_bench import BenchShape, _Trainee
@@ -38,13 +37,6 @@ def main() -> None:
     h, x_local, x_global = (torch.randn(1, L, shape.d_model, requires_grad=True)
                             for _ in range(3))
 
-    def timed(fn):
-        def run() -> float:
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-        return run
-
     cases = {
         "step: transformer-window": window.step,
         "step: spade-s4-window": spade.step,
@@ -53,18 +45,11 @@ def main() -> None:
             lambda: layer._merge(x_local, x_global).sum().backward()),
         "part: window attention block": timed(lambda: layer.attn(h).sum().backward()),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up: caches, thread pool, the S4 spectrum
-        fn()
-    order = random.Random(L)
-    for _ in range(args.rounds):
-        for name in order.sample(list(cases), len(cases)):
-            times[name].append(cases[name]())
+    # one warm-up round: caches, thread pool, the S4 spectrum
+    times = time_in_random_order(cases, rounds=args.rounds, seed=L, warmup_rounds=1)
     gap = (statistics.median(times["step: spade-s4-window"])
            - statistics.median(times["step: transformer-window"]))
-    print(f"L={L}, {args.rounds} rounds, {torch.get_num_threads()} threads (median / min, s)")
-    for name, ts in times.items():
-        print(f"  {name:<34} {statistics.median(ts):8.3f} {min(ts):8.3f}")
+    print_medians(times, f"L={L}, {args.rounds} rounds, {torch.get_num_threads()} threads", 34)
     print(f"  {'SPADE - window (medians)':<34} {gap:8.3f}")
 
 

@@ -12,12 +12,10 @@ so ``sliding_window_attention`` takes ``_blocked_attention``). Prints medians.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 from unittest import mock
 
 import torch
+from random_rounds import print_medians, time_in_random_order, timed
 
 from spadeformer.allocator import reuse_freed_memory
 from spadeformer.bench.train_bench import BenchShape, _Trainee
@@ -38,10 +36,8 @@ def main() -> None:
     grad = torch.randn(1, L, heads, head_dim).transpose(1, 2)
     model = _Trainee("transformer-window", shape, L, torch.device("cpu"))
 
-    def attention() -> float:
-        t0 = time.perf_counter()
-        sliding_window_attention(q, k, v, shape.window_size).backward(grad)
-        return time.perf_counter() - t0
+    attention = timed(
+        lambda: sliding_window_attention(q, k, v, shape.window_size).backward(grad))
 
     def generic(fn):
         def run() -> float:
@@ -55,17 +51,9 @@ def main() -> None:
         "window-model step, view path": model.step,
         "window-model step, generic": generic(model.step),
     }
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(2):  # warm-up rounds: caches, thread pool, the heap settling
-        for fn in cases.values():
-            fn()
-    order = random.Random(L)
-    for _ in range(args.rounds):
-        for name in order.sample(list(cases), len(cases)):
-            times[name].append(cases[name]())
-    print(f"L={L}, {args.rounds} rounds, {torch.get_num_threads()} threads (median / min, s)")
-    for name, ts in times.items():
-        print(f"  {name:<30} {statistics.median(ts):8.3f} {min(ts):8.3f}")
+    # two warm-up rounds: caches, thread pool, the heap settling
+    times = time_in_random_order(cases, rounds=args.rounds, seed=L, warmup_rounds=2)
+    print_medians(times, f"L={L}, {args.rounds} rounds, {torch.get_num_threads()} threads", 30)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,13 @@ def _flash_forward(q, k, v, is_causal: bool, attn_mask: torch.Tensor | None = No
     )[:2]
 
 
+def _flash_backward(go, q, k, v, out, lse, is_causal: bool, attn_mask=None):
+    """The backward of :func:`_flash_forward` -> (grad_q, grad_k, grad_v)."""
+    return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        go, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask
+    )
+
+
 def _band_mask(w: int, dtype: torch.dtype) -> torch.Tensor:
     """(1, 1, w, 2w) additive mask: query i of a block sees band slots i .. i + w (that is,
     keys i - w .. i of the sequence), -inf elsewhere."""
@@ -122,6 +129,11 @@ def _fold_band_grad(g: torch.Tensor, w: int, like: torch.Tensor) -> torch.Tensor
     return out
 
 
+def _starts(t: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, Lp, H, d) -> (B, H, w, d) view: the first block of every sequence."""
+    return t[:, :w].transpose(1, 2)
+
+
 def _pad_rows(t: torch.Tensor, Lp: int) -> torch.Tensor:
     """(B, H, L, d) -> (B, Lp, H, d) contiguous, zero rows appended (no copy when L = Lp and
     t is already a transposed (B, L, H, d) tensor, as a linear projection gives)."""
@@ -143,8 +155,7 @@ class _CausalWindowAttention(torch.autograd.Function):
         out_b, lse = _flash_forward(
             _blocks(qm, w)[1:], _bands(km, w), _bands(vm, w), False, attn_mask=mask
         )
-        q0, k0, v0 = (t[:, :w].transpose(1, 2) for t in (qm, km, vm))  # (B, H, w, d)
-        out0, lse0 = _flash_forward(q0, k0, v0, True)
+        out0, lse0 = _flash_forward(_starts(qm, w), _starts(km, w), _starts(vm, w), True)
         out = torch.empty_like(qm)
         _blocks(out, w)[1:] = out_b
         out[:, :w] = out0.transpose(1, 2)
@@ -164,17 +175,15 @@ class _CausalWindowAttention(torch.autograd.Function):
         go[:, w:L] = grad.transpose(1, 2)[:, w:]
         go[:, L:] = 0.0
         # out: the big call's own output except at sequence starts, where go is zero
-        gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        gq, gk, gv = _flash_backward(
             _blocks(go, w)[1:], _blocks(qm, w)[1:], _bands(km, w), _bands(vm, w),
-            _blocks(out, w)[1:], lse, 0.0, False, attn_mask=mask,
+            _blocks(out, w)[1:], lse, False, attn_mask=mask,
         )
         dq = torch.empty_like(qm)
         _blocks(dq, w)[1:] = gq
         dk, dv = _fold_band_grad(gk, w, km), _fold_band_grad(gv, w, vm)
-        q0, k0, v0, o0 = (t[:, :w].transpose(1, 2) for t in (qm, km, vm, out))
-        gq0, gk0, gv0 = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad[:, :, :w], q0, k0, v0, o0, lse0, 0.0, True
-        )
+        q0, k0, v0, o0 = (_starts(t, w) for t in (qm, km, vm, out))
+        gq0, gk0, gv0 = _flash_backward(grad[:, :, :w], q0, k0, v0, o0, lse0, True)
         dq[:, :w] = gq0.transpose(1, 2)  # the big call gave exact zeros there
         dk[:, :w] += gk0.transpose(1, 2)
         dv[:, :w] += gv0.transpose(1, 2)
