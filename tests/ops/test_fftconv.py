@@ -120,3 +120,25 @@ def test_spectrum_length_is_checked():
         fft_conv_spectrum(torch.randn(1, 3, 8), k_f[..., :5], 16)
     with pytest.raises(ValueError, match="k_reverse must have the same length as k"):
         kernel_spectrum(torch.randn(3, 8), 16, torch.randn(3, 7))
+    # an FFT length that cannot hold the kernel (or the input) would wrap around silently
+    with pytest.raises(ValueError, match="n must be an FFT length >= 8 for a kernel of length 8"):
+        kernel_spectrum(torch.randn(3, 8), 7)
+    with pytest.raises(ValueError, match=">= 16 for a kernel of length 8 with a reverse kernel"):
+        kernel_spectrum(torch.randn(3, 8), 15, torch.randn(3, 8))
+    with pytest.raises(ValueError, match="n must be an FFT length >= the input length L=20"):
+        fft_conv_spectrum(torch.randn(1, 3, 20), kernel_spectrum(torch.randn(3, 8), 16), 16)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_func_grad_and_vmap_through_the_constant_kernel_path(bidirectional):
+    u = torch.randn(2, 3, 11, dtype=torch.float64)
+    k = torch.randn(3, 11, dtype=torch.float64)
+    k_rev = torch.randn(3, 11, dtype=torch.float64) if bidirectional else None
+
+    def loss(conv):
+        return lambda x: conv(x, k, k_rev).square().sum()
+
+    g = torch.func.grad(loss(fft_conv))(u)
+    torch.testing.assert_close(g, torch.func.grad(loss(fft_conv_ref))(u), rtol=1e-9, atol=1e-9)
+    v = torch.func.vmap(lambda x: fft_conv(x, k, k_rev))(u.unsqueeze(1))
+    torch.testing.assert_close(v.squeeze(1), fft_conv_ref(u, k, k_rev), rtol=1e-9, atol=1e-9)

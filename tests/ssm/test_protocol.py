@@ -102,9 +102,123 @@ def test_bad_input_errors(kind):
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_runs_in_fp32_under_autocast(kind):
-    ssm = make(kind, bidirectional=False)
+    # exact equalities: a computation in bfloat16 (autocast let through) would miss them
+    ssm = make(kind, bidirectional=False).eval()
     x = torch.randn(2, 9, 6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ssm(x.bfloat16())
+        y = ssm(x)
+        y_t, _ = ssm.step(x[:, 0], ssm.initial_state(2))
+    assert y.dtype == y_t.dtype == torch.float32
+    torch.testing.assert_close(y, ssm(x), rtol=0, atol=0)
+    torch.testing.assert_close(y_t, ssm.step(x[:, 0], ssm.initial_state(2))[0], rtol=0, atol=0)
+    # bfloat16 input: computed in float32 on the upcast input, returned in bfloat16
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = ssm(xb)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, ssm(xb.float()).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_input_dtype_other_than_the_parameters(kind):
+    ssm = make(kind, bidirectional=False).eval()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    y = ssm(x)  # a float32 module computes in float32 and answers in the input's dtype
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ssm(x.float()).double(), rtol=0, atol=0)
+    y_t, _ = ssm.step(x[:, 0], ssm.initial_state(2))
+    assert y_t.dtype == torch.float64
+    # a float64 module computes in float64
+    ssm64 = make(kind, bidirectional=False).double().eval()
+    assert ssm64(x).dtype == torch.float64
+    y64, _ = run_steps(ssm64, x, ssm64.initial_state(2))
+    torch.testing.assert_close(y64, ssm64(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_half_precision_cast_keeps_parameters_fp32(kind):
+    ssm = make(kind, bidirectional=False).eval()
+    x = torch.randn(2, 9, 6)
+    expected = ssm(x.bfloat16().float())
+    cast = ssm.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in cast.parameters())
+    assert all(b.dtype not in (torch.float16, torch.bfloat16) for b in cast.buffers())
+    y = cast(x.bfloat16())
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ssm(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, expected.bfloat16(), rtol=0, atol=0)
+    y_t, _ = cast.step(x[:, 0].bfloat16(), cast.initial_state(2))
+    assert y_t.dtype == torch.bfloat16
+    assert make(kind, bidirectional=False).double().half()(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_step_refuses_a_state_of_another_batch(kind):
+    ssm = make(kind, bidirectional=False)
+    for state in (ssm.initial_state(1), ssm.initial_state(4)):
+        with pytest.raises(ValueError, match="state"):
+            ssm.step(torch.randn(3, 6), state)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("trainable", [True, False])
+def test_torch_func_transforms(kind, trainable):
+    # grad and vmap go through every path, the frozen one (constant-kernel convolution) too
+    ssm = make(kind, bidirectional=False, trainable=trainable).double().eval()
+    x = torch.randn(1, 7, 6, dtype=torch.float64)
+    g = torch.func.grad(lambda u: ssm(u).square().sum())(x)
+    x_ = x.clone().requires_grad_()
+    ssm(x_).square().sum().backward()
+    torch.testing.assert_close(g, x_.grad, rtol=1e-10, atol=1e-12)
+    if kind != "lstm":  # PyTorch has no vmap rule for aten::lstm
+        v = torch.func.vmap(ssm)(torch.stack([x, 2 * x]))
+        torch.testing.assert_close(v[1], ssm(2 * x), rtol=1e-10, atol=1e-12)
+
+
+FROZEN_CACHED = ["s4", "s4d", "hyena"]  # the kinds that cache values of frozen parameters
+
+
+@pytest.mark.parametrize("kind", FROZEN_CACHED)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_frozen_cache_follows_swapped_parameters(kind, bidirectional):
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, 6)
+    m = make(kind, bidirectional=bidirectional, trainable=False).eval()
+    m(x)  # fill the cache
+    other = make(kind, bidirectional=bidirectional, trainable=False).eval()
+    expected = other(x)
+    # the same tensors, not clones: identical version counters, other storage
+    swapped = torch.func.functional_call(m, dict(other.state_dict()), (x,))
+    torch.testing.assert_close(swapped, expected, rtol=0, atol=0)
+    m.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    torch.testing.assert_close(m(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", FROZEN_CACHED)
+def test_frozen_module_trains_through_after_inference_mode(kind):
+    m = make(kind, bidirectional=False, trainable=False)
+    with torch.inference_mode():
+        m(torch.randn(2, 10, 6))
+        m.step(torch.randn(2, 6), m.initial_state(2))
+    x = torch.randn(2, 10, 6, requires_grad=True)
+    m(x).sum().backward()
+    x_t = torch.randn(2, 6, requires_grad=True)
+    m.step(x_t, m.initial_state(2))[0].sum().backward()
+    assert x.grad.abs().sum() > 0 and x_t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", FROZEN_CACHED)
+def test_frozen_module_copies_and_pickles_with_a_filled_cache(kind, tmp_path):
+    import copy
+
+    m = make(kind, bidirectional=False, trainable=False).eval()
+    x = torch.randn(1, 10, 6)
+    y = m(x)
+    torch.save(m, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    twin = copy.deepcopy(m)
+    with torch.no_grad():  # a copy has its own parameters: changing them must show
+        for p in twin.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+    assert not torch.equal(twin(x), y)
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)

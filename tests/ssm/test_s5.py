@@ -140,8 +140,8 @@ def test_gradcheck_float64(bidirectional):
         ({"d_state": 12, "blocks": 4}, "blocks=4 .*got d_state=12"),
         ({"blocks": 0}, "blocks must be a positive integer, got 0"),
         ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min must be <= dt_max, got dt_min=0.2 > dt_max=0.1"),
-        ({"dt_min": -1e-3}, "dt_min must be a positive number"),
-        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"dt_min": -1e-3}, "dt_min must be a positive finite number"),
+        ({"lr": -1.0}, "lr must be a positive finite number"),
         ({"dropout": -0.1}, r"dropout must be a number in \[0, 1\)"),
     ],
 )

@@ -59,11 +59,19 @@ def kernel_spectrum(k: torch.Tensor, n: int, k_reverse: torch.Tensor | None = No
     """The one-sided spectrum (..., n // 2 + 1) of the circular kernel that :func:`fft_conv`
     applies at FFT length ``n``: ``k`` at lags 0..Lk-1 and, if given, ``k_reverse[j - 1]`` at
     lag -j (circular index n - j). A constant kernel's spectrum can be computed once and
-    reused with :func:`fft_conv_spectrum` (frozen S4 does)."""
+    reused with :func:`fft_conv_spectrum` (frozen S4 does). ``n`` must hold the kernel
+    (n >= Lk, and n >= 2 Lk with a reverse kernel, whose lags would otherwise overlap the
+    forward ones); :func:`fft_conv_spectrum` needs more (n >= L + Lk - 1)."""
     Lk = k.shape[-1]
     if k_reverse is not None and k_reverse.shape[-1] != Lk:
         raise ValueError(
             f"k_reverse must have the same length as k ({Lk}), got {k_reverse.shape[-1]}"
+        )
+    need = 2 * Lk if k_reverse is not None else Lk
+    if isinstance(n, bool) or not isinstance(n, int) or n < need:
+        raise ValueError(
+            f"n must be an FFT length >= {need} for a kernel of length {Lk}"
+            f"{' with a reverse kernel' if k_reverse is not None else ''}, got {n!r}"
         )
     k_f = torch.fft.rfft(k, n=n)
     if k_reverse is not None:
@@ -79,13 +87,21 @@ class _ConstantKernelConv(torch.autograd.Function):
     a real one) plus padding copies. Here the gradient is the circular correlation with the
     same kernel, two real FFTs: grad_u = irfft(rfft(g, n) * conj(K), n)[..., :L]. No
     wrap-around: n >= L + Lk - 1, so lags that would wrap land on the kernel's zero padding.
+    ``setup_context`` and the generated vmap rule let ``torch.func`` transforms (grad, vmap,
+    jacrev) go through it.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+    def forward(u: torch.Tensor, k_f: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)[..., : u.shape[-1]]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        u, k_f, n = inputs
         ctx.save_for_backward(k_f)
         ctx.n, ctx.length, ctx.u_shape = n, u.shape[-1], u.shape
-        return torch.fft.irfft(torch.fft.rfft(u, n=n) * k_f, n=n)[..., : u.shape[-1]]
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -102,9 +118,12 @@ def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int,
 
     u (batch, ..., L) real, k_f (..., n // 2 + 1) complex with n >= L + Lk - 1 (Lk = the
     kernel's length) -> (broadcast(batch, ...), L) in u's dtype. A spectrum that needs no
-    gradient takes a cheaper backward (:class:`_ConstantKernelConv`).
+    gradient takes a cheaper backward (:class:`_ConstantKernelConv`). The spectrum does not
+    say how long its kernel was, so only n >= L is checked here.
     """
     L = u.shape[-1]
+    if isinstance(n, bool) or not isinstance(n, int) or n < L:
+        raise ValueError(f"n must be an FFT length >= the input length L={L}, got {n!r}")
     if k_f.shape[-1] != n // 2 + 1:
         raise ValueError(f"k_f must have n // 2 + 1 = {n // 2 + 1} frequencies for n={n}, "
                          f"got {k_f.shape[-1]}")

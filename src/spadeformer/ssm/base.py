@@ -8,19 +8,26 @@
 
 ``padding_mask`` is (batch, length) bool, True at padded positions: padded positions neither
 contribute to nor receive output (their output is zero). The computation runs in float32 even
-under autocast (SSM kernels lose accuracy in half precision), float64 when given float64; the
-output is cast back to the input's dtype.
+under autocast (SSM kernels lose accuracy in half precision), or in float64 for a module cast
+with ``.double()``; the input is cast to that dtype and the output back to the input's dtype.
+Casting a whole model to half precision (``model.to(torch.bfloat16)``) leaves an SSM's
+parameters in float32, for the same reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "FrozenCache",
     "GlobalExtractor",
     "check_dropout",
     "check_dt_range",
@@ -28,16 +35,22 @@ __all__ = [
     "check_padding_mask",
     "check_positive",
     "check_sequence",
+    "check_state",
     "check_state_size",
     "fp32_region",
 ]
 
 
 def check_positive(name: str, value: Any, *, allow_float: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a positive int (or number, with allow_float)."""
+    """Raise ValueError unless ``value`` is a positive int (or finite number, with allow_float)."""
     kinds = (int, float) if allow_float else (int,)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        kind = "number" if allow_float else "integer"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)  # NaN passes `value <= 0`
+        or value <= 0
+    ):
+        kind = "finite number" if allow_float else "integer"
         raise ValueError(f"{name} must be a positive {kind}, got {value!r}")
 
 
@@ -61,7 +74,7 @@ def check_dt_range(dt_min: Any, dt_max: Any) -> None:
 
 
 def check_lr(lr: Any) -> None:
-    """None (use the optimiser's SSM learning rate) or a positive number."""
+    """None (use the optimiser's SSM learning rate) or a positive finite number."""
     if lr is not None:
         check_positive("lr", lr, allow_float=True)
 
@@ -90,6 +103,16 @@ def check_sequence(x: Any, d_model: int, name: str = "x") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def check_state(state: Any, expected: tuple[int, ...], axes: str) -> None:
+    """A recurrent state must be a tensor of shape ``expected`` (named ``axes``, e.g.
+    "batch, d_model, d_state"), as ``initial_state(batch)`` makes it."""
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != expected:
+        got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(
+            f"state must have shape ({axes}) = {expected}, got {got}; use initial_state(batch_size)"
+        )
+
+
 def check_padding_mask(padding_mask: Any, batch: int, length: int) -> None:
     """padding_mask must be None or a bool tensor of shape (batch, length)."""
     if padding_mask is None:
@@ -111,9 +134,61 @@ def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Half/bfloat16 -> float32; float64 stays float64 (gradchecks and reference tests)."""
-    return x if x.dtype == torch.float64 else x.float()
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class FrozenCache:
+    """Values computed from parameters that do not change (a frozen SSM's kernels, spectra,
+    filters), keyed by what was computed; least recently used entries dropped beyond
+    ``max_entries``.
+
+    An entry stays valid while the parameters it was computed from are the same tensor objects
+    (held by weak reference: the cache keeps nothing alive), at the same storage address, with
+    the same in-place version counter. So an optimiser step, ``load_state_dict`` (in place or
+    ``assign=True``), ``.to()`` and tensors swapped in by ``torch.func.functional_call`` all
+    make it stale. Values made under ``torch.inference_mode`` are inference tensors, which
+    autograd cannot save: they are kept apart from the others. Copies and pickles of a module
+    start with an empty cache (weak references cannot be pickled, and a copy has other
+    parameters anyway).
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, tuple[tuple, tuple, Any]] = OrderedDict()
+
+    def get(self, what: tuple, params: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
+        """The cached ``compute()`` for ``what`` and ``params``; computed (without autograd)
+        when missing or stale."""
+        key = (what, torch.is_inference_mode_enabled())
+        stamps = tuple((p.data_ptr(), p._version) for p in params)
+        entry = self._entries.get(key)
+        if entry is not None:
+            refs, old_stamps, value = entry
+            if old_stamps == stamps and all(r() is p for r, p in zip(refs, params, strict=True)):
+                self._entries.move_to_end(key)
+                return value
+        with torch.no_grad():
+            value = compute()
+        self._entries[key] = (tuple(weakref.ref(p) for p in params), stamps, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getstate__(self) -> dict:
+        return {"max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_entries"])
+
+    def __deepcopy__(self, memo: dict) -> FrozenCache:
+        return FrozenCache(self.max_entries)
 
 
 class GlobalExtractor(nn.Module):
@@ -140,12 +215,34 @@ class GlobalExtractor(nn.Module):
             for p in self.parameters():
                 p.requires_grad_(False)
 
+    def _compute_dtype(self) -> torch.dtype:
+        """float64 when the module was cast with .double(), else float32."""
+        p = next(self.parameters(), None)
+        return torch.float64 if p is not None and p.dtype == torch.float64 else torch.float32
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .double() replace parameter tensors: cached values of the old ones
+        # are stale (and would pin their memory)
+        for value in vars(self).values():
+            if isinstance(value, FrozenCache):
+                value.clear()
+
+        # .half() / .to(torch.bfloat16) of a whole model: SSM parameters and buffers stay in
+        # float32, where the computation runs (see the module docstring)
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.dtype in _HALF and t.dtype not in _HALF:
+                out = t.to(device=out.device)  # the move, not the rounding
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (batch, length, d_model) -> (batch, length, d_model)."""
         check_sequence(x, self.d_model)
         check_padding_mask(padding_mask, x.shape[0], x.shape[1])
         with fp32_region(x.device.type):
-            u = _at_least_fp32(x)
+            u = x.to(self._compute_dtype())
             if padding_mask is not None:
                 u = u.masked_fill(padding_mask.unsqueeze(-1), 0.0)
             y = self._forward(u, padding_mask)
@@ -166,7 +263,7 @@ class GlobalExtractor(nn.Module):
         if not x_t.is_floating_point():
             raise TypeError(f"x_t must be a floating-point tensor, got dtype {x_t.dtype}")
         with fp32_region(x_t.device.type):
-            y_t, state = self._step(_at_least_fp32(x_t), state)
+            y_t, state = self._step(x_t.to(self._compute_dtype()), state)
         return y_t.to(x_t.dtype), state
 
     def initial_state(self, batch_size: int) -> Any:  # pragma: no cover - abstract

@@ -49,7 +49,13 @@ from einops import rearrange
 from torch import nn
 
 from spadeformer.ops.fftconv import fft_conv, fft_conv_ref
-from spadeformer.ssm.base import GlobalExtractor, check_dropout, check_lr, check_positive
+from spadeformer.ssm.base import (
+    FrozenCache,
+    GlobalExtractor,
+    check_dropout,
+    check_lr,
+    check_positive,
+)
 
 __all__ = ["Hyena", "hyena_positional_features", "DEFAULT_TIME_SCALE"]
 
@@ -171,8 +177,7 @@ class Hyena(GlobalExtractor):
         if lr is not None:
             for p in self.filter_mlp.parameters():
                 p._optim = {"lr": lr, "weight_decay": 0.0}
-        self._filter_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._filter_cache_version: tuple[int, ...] | None = None
+        self._filter_cache = FrozenCache(_MAX_CACHED_LENGTHS)
         self.freeze_if_requested()
 
     # ------------------------------------------------------------------ filters
@@ -185,37 +190,25 @@ class Hyena(GlobalExtractor):
         decay = torch.exp(-self.decay_rates.to(ref.dtype)[:, None] * (t / self.time_scale))
         return h * decay  # (r, o, d, n) * (d, n)
 
-    def _filter_params_version(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.filter_mlp.parameters())
-
     def filters(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Long filters for sequences of ``length``.
 
         Returns k (order-1, d_model, length) and, when bidirectional, k_reverse of the same
         shape (k_reverse[..., j] acts at lag -(j+1)), else None. When no filter parameter
-        requires grad (frozen), the result is cached per (length, device, dtype); the cache is
-        dropped as soon as a filter parameter is modified in place (e.g. load_state_dict).
+        requires grad (frozen), the result is cached per length
+        (:class:`~spadeformer.ssm.base.FrozenCache` says when an entry is stale).
         """
         check_positive("length", length)
         self._check_length(length)
-        ref = self.filter_mlp[0].weight
-        frozen = not any(p.requires_grad for p in self.filter_mlp.parameters())
-        if frozen:
-            version = self._filter_params_version()
-            if version != self._filter_cache_version:
-                self._filter_cache.clear()
-                self._filter_cache_version = version
-            key = (length, ref.device, ref.dtype)
-            hit = self._filter_cache.get(key)
-            if hit is not None:
-                return hit
-        h = self._filters_at(torch.arange(length, device=ref.device))
-        out = (h[0], h[1] if self.bidirectional else None)
-        if frozen:
-            if len(self._filter_cache) >= _MAX_CACHED_LENGTHS:
-                self._filter_cache.pop(next(iter(self._filter_cache)))
-            self._filter_cache[key] = out
-        return out
+        params = list(self.filter_mlp.parameters())
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
+            h = self._filters_at(torch.arange(length, device=params[0].device))
+            return h[0], (h[1] if self.bidirectional else None)
+
+        if any(p.requires_grad for p in params):
+            return compute()
+        return self._filter_cache.get((length,), params, compute)
 
     def _check_length(self, length: int) -> None:
         if self.max_length is not None and length > self.max_length:

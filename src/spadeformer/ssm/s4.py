@@ -29,7 +29,6 @@ The reversed part never touches lag 0 (the current token is counted once, by K),
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +44,12 @@ from spadeformer.ops.ssm_kernels import (
     s4_kernel,
 )
 from spadeformer.ssm.base import (
+    FrozenCache,
     GlobalExtractor,
     check_dropout,
     check_lr,
     check_positive,
+    check_state,
     check_state_size,
 )
 
@@ -73,11 +74,12 @@ class S4(GlobalExtractor):
             WikiText-103 and pre-training). The convolution kernel of a frozen module is then a
             constant: it and its FFT are computed once per (length, device, dtype) and
             cached (up to ``kernel_cache_size`` lengths, least recently used dropped), and the
-            convolution's backward then needs no kernel gradient (two real FFTs). The cache
-            key also holds the parameters' storage and version counters, so
-            ``load_state_dict`` and ``torch.func.functional_call`` do not see a stale kernel;
-            ``.to()``, ``.double()`` etc. clear it. Edits through ``param.data`` are invisible
-            to the version counters: call :meth:`clear_cache` after those.
+            convolution's backward then needs no kernel gradient (two real FFTs). Entries
+            follow the parameters' identity, storage and version counters
+            (:class:`~spadeformer.ssm.base.FrozenCache`), so ``load_state_dict`` and
+            ``torch.func.functional_call`` do not see a stale kernel; ``.to()``, ``.double()``
+            etc. clear it. Edits through ``param.data`` are invisible to the version
+            counters: call :meth:`clear_cache` after those.
         dt_min, dt_max: step sizes are drawn log-uniformly in [dt_min, dt_max].
         lr: learning rate hint for the SSM parameters (Lambda, P, B, log_dt), stored as
             ``param._optim = {"lr": lr, "weight_decay": 0.0}``; None means "the global ssm_lr"
@@ -160,15 +162,11 @@ class S4(GlobalExtractor):
         # Module-level copy of the hints: Parameter.__deepcopy__ drops attributes such as
         # `_optim`, a module's __dict__ survives deepcopy (param_groups reads both).
         self._optim_hints = {name: dict(hint) for name in _HINTED}
-        self._kernel_cache: OrderedDict = OrderedDict()
-        self._step_cache: tuple | None = None
+        # kernels and spectra of kernel_cache_size lengths, plus the recurrent matrices
+        self._cache = FrozenCache(2 * self.kernel_cache_size + 1)
         self.freeze_if_requested()
 
     # ------------------------------------------------------------------ parameters
-
-    def _compute_dtype(self) -> torch.dtype:
-        """float64 when the module was cast with .double(), else float32."""
-        return torch.float64 if self.log_dt.dtype == torch.float64 else torch.float32
 
     def _ssm_parameters(self) -> list[nn.Parameter]:
         return [self.log_neg_lambda_re, self.lambda_im, self.P, self.B, self.log_dt, self.C]
@@ -212,11 +210,6 @@ class S4(GlobalExtractor):
         # Only a constant kernel may be cached: frozen (no SSM parameter needs a gradient).
         return not any(p.requires_grad for p in self._ssm_parameters())
 
-    def _versions(self) -> tuple[tuple[int, int], ...]:
-        # Storage address and in-place version of each SSM parameter: changes on in-place
-        # updates and load_state_dict, and on tensors swapped in by torch.func.functional_call.
-        return tuple((p.data_ptr(), p._version) for p in self._ssm_parameters())
-
     def kernel(self, length: int) -> torch.Tensor:
         """Convolution kernels K_k = C Abar^k Bbar, k < length.
 
@@ -228,7 +221,9 @@ class S4(GlobalExtractor):
         check_positive("length", length)
         if not self._cache_allowed():
             return s4_kernel(*self._nplr(), length)
-        return self._cached(("kernel", length), lambda: s4_kernel(*self._nplr(), length))
+        return self._cache.get(
+            ("kernel", length), self._ssm_parameters(), lambda: s4_kernel(*self._nplr(), length)
+        )
 
     def _spectrum(self, length: int) -> tuple[torch.Tensor, int, bool]:
         """Frozen modules only: the FFT of the (forward + reverse) kernel at the FFT length
@@ -249,30 +244,12 @@ class S4(GlobalExtractor):
                 k_f = kernel_spectrum(k, n)
             return k_f + self.D.to(k.dtype)[:, :, None] if fold_d else k_f
 
-        d_version = (self.D.data_ptr(), self.D._version) if fold_d else None
-        return self._cached(("spectrum", length, d_version), compute), n, fold_d
-
-    def _cached(self, what: tuple, compute) -> torch.Tensor:
-        key = (*what, self.log_dt.device, self._compute_dtype(), self._versions())
-        if key in self._kernel_cache:
-            self._kernel_cache.move_to_end(key)
-            return self._kernel_cache[key]
-        with torch.no_grad():
-            value = compute()
-        self._kernel_cache[key] = value
-        while len(self._kernel_cache) > 2 * self.kernel_cache_size:  # kernel + spectrum
-            self._kernel_cache.popitem(last=False)
-        return value
+        params = self._ssm_parameters() + ([self.D] if fold_d else [])
+        return self._cache.get(("spectrum", length, fold_d), params, compute), n, fold_d
 
     def clear_cache(self) -> None:
         """Drop cached kernels and recurrent matrices."""
-        self._kernel_cache.clear()
-        self._step_cache = None
-
-    def _apply(self, fn, recurse=True):
-        # Device / dtype changes make the cached kernels stale (and would pin old memory).
-        self.clear_cache()
-        return super()._apply(fn, recurse)
+        self._cache.clear()
 
     # ------------------------------------------------------------------ forward
 
@@ -323,33 +300,26 @@ class S4(GlobalExtractor):
     def _step_matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Abar (H, N, N), Bbar (H, N), C_r (S, H, N) in the real eigen coordinates.
 
-        Cached while no gradient is needed (decoding), keyed on device, dtype and parameter
-        versions.
+        Cached while no gradient is needed (decoding), like the kernels.
         """
-        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._ssm_parameters())
-        key = (self.log_dt.device, self._compute_dtype(), self._versions())
-        if not grad and self._step_cache is not None and self._step_cache[0] == key:
-            return self._step_cache[1]
-        Lambda, P, B, C, dt = self._nplr()
-        A_r, B_r = nplr_real_form(Lambda, P, B)
-        Abar, Bbar = discretize_bilinear(A_r, B_r, dt)
-        mats = (Abar, Bbar, nplr_real_output(C))
-        if not grad:
-            self._step_cache = (key, mats)
-        return mats
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            Lambda, P, B, C, dt = self._nplr()
+            A_r, B_r = nplr_real_form(Lambda, P, B)
+            Abar, Bbar = discretize_bilinear(A_r, B_r, dt)
+            return Abar, Bbar, nplr_real_output(C)
+
+        params = self._ssm_parameters()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return compute()
+        return self._cache.get(("step",), params, compute)
 
     def _step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t: (batch, d_model), state: (batch, d_model, d_state) -> y_t (batch, d_model), state.
 
         x_k = Abar x_{k-1} + Bbar u_k,  y_k = C x_k + D u_k (paper Eq. 3), then the output block.
         """
-        expected = (x_t.shape[0], self.d_model, self.d_state)
-        if not isinstance(state, torch.Tensor) or tuple(state.shape) != expected:
-            got = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise ValueError(
-                f"state must have shape (batch, d_model, d_state) = {expected}, got {got}; "
-                "use initial_state(batch_size)"
-            )
+        check_state(state, (x_t.shape[0], self.d_model, self.d_state), "batch, d_model, d_state")
         dtype = self._compute_dtype()
         Abar, Bbar, C_r = self._step_matrices()
         u = x_t.to(dtype)

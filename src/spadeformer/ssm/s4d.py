@@ -45,7 +45,6 @@ that optimisers, safetensors and DDP only ever see real tensors.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import torch
 from einops import rearrange
@@ -54,11 +53,13 @@ from torch import nn
 from spadeformer.ops.fftconv import fft_conv
 from spadeformer.ops.vandermonde import vandermonde_kernel
 from spadeformer.ssm.base import (
+    FrozenCache,
     GlobalExtractor,
     check_dropout,
     check_dt_range,
     check_lr,
     check_positive,
+    check_state,
     check_state_size,
 )
 
@@ -160,10 +161,7 @@ class S4D(GlobalExtractor):
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
         self.output_linear = nn.Linear(channels * H, H)
-        self._kernel_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = (
-            OrderedDict()
-        )
-        self._cache_versions: tuple[int, ...] | None = None
+        self._cache = FrozenCache(_MAX_CACHED_LENGTHS)
         self.freeze_if_requested()
 
     # ------------------------------------------------------------------ parameters
@@ -234,37 +232,19 @@ class S4D(GlobalExtractor):
     def kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward kernel and reverse kernel (None when causal), each (channels, H, length).
 
-        Cached per (length, device, dtype) while the kernel's parameters are frozen (least
-        recently used lengths dropped beyond 16); recomputed from the live parameters otherwise.
+        Cached per length while the kernel's parameters are frozen (least recently used
+        lengths dropped beyond 16; :class:`~spadeformer.ssm.base.FrozenCache` says when an
+        entry is stale); recomputed from the live parameters otherwise.
         """
         check_positive("length", length)
         params = self._kernel_params()
         if any(p.requires_grad for p in params):
             return self._compute_kernels(length)
-        versions = tuple(p._version for p in params)
-        if versions != self._cache_versions:  # a parameter changed in place: stale cache
-            self._kernel_cache.clear()
-            self._cache_versions = versions
-        # Kernels made under inference_mode are inference tensors: keep them apart.
-        key = (length, self.log_dt.device, self.log_dt.dtype, torch.is_inference_mode_enabled())
-        if key in self._kernel_cache:
-            self._kernel_cache.move_to_end(key)
-        else:
-            with torch.no_grad():
-                self._kernel_cache[key] = self._compute_kernels(length)
-            if len(self._kernel_cache) > _MAX_CACHED_LENGTHS:
-                self._kernel_cache.popitem(last=False)  # least recently used
-        return self._kernel_cache[key]
+        return self._cache.get((length,), params, lambda: self._compute_kernels(length))
 
     def kernel(self, length: int) -> torch.Tensor:
         """The causal (forward) convolution kernel, (channels, d_model, length)."""
         return self.kernels(length)[0]
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .half() replace parameter tensors: drop kernels of the old ones.
-        self._kernel_cache.clear()
-        self._cache_versions = None
-        return super()._apply(fn, *args, **kwargs)
 
     # --------------------------------------------------------------------- forward
     def _output(self, y: torch.Tensor) -> torch.Tensor:
@@ -295,6 +275,8 @@ class S4D(GlobalExtractor):
 
         x_k = z x_{k-1} + Bbar u_k,  y_k = 2 Re(C x_k) + D u_k: the kernel form unrolled.
         """
+        check_state(state, (x_t.shape[0], self.d_model, self.d_state // 2),
+                    "batch, d_model, d_state / 2")
         z, Bbar = self._discrete()
         state = z * state + Bbar * x_t.unsqueeze(-1)
         C = torch.view_as_complex(self.C)  # (channels, H, N/2)

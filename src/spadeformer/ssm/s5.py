@@ -50,6 +50,7 @@ from spadeformer.ssm.base import (
     check_dt_range,
     check_lr,
     check_positive,
+    check_state,
 )
 from spadeformer.ssm.s4d import log_uniform_dt, mark_ssm_param, with_conjugates
 
@@ -200,6 +201,7 @@ class S5(GlobalExtractor):
 
     def _step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t: (batch, H); state (batch, P/2) -> y_t (batch, H), new state."""
+        check_state(state, (x_t.shape[0], self.d_state // 2), "batch, d_state / 2")
         Lam_bar, Bbar = self._discrete()
         state = Lam_bar * state + torch.einsum("ph,bh->bp", Bbar, x_t.to(Bbar.dtype))
         y = 2 * torch.einsum("hp,bp->bh", torch.view_as_complex(self.C), state).real
