@@ -30,7 +30,17 @@ def test_unknown_key_names_closest():
         ("combine", "mul", "combine must be one of"),
         ("global_layers", [7], "global_layers must hold indices"),
         ("window_size", 0, "window_size must be a positive integer"),
-        ("pad_token_id", 999, "pad_token_id must be in"),
+        ("pad_token_id", 999, "pad_token_id must be None or an integer in"),
+        ("pad_token_id", "3", "pad_token_id must be None or an integer in"),
+        ("pad_token_id", 1.5, "pad_token_id must be None or an integer in"),
+        ("causal", 1, "causal must be true or false, got 1"),
+        ("tie_embeddings", "false", "tie_embeddings must be true or false, got 'false'"),
+        ("global_layers", [0.9, True], "global_layers must be a list of integer layer indices"),
+        ("global_layers", ["a"], "global_layers must be a list of integer layer indices"),
+        ("add_weight", "x", "add_weight must be a number in"),
+        ("num_labels", 1, "num_labels must be >= 2"),
+        ("ssm_options", {"d_sate": 8}, "unknown ssm_options key 'd_sate' for ssm='s4'; did you "
+                                       "mean 'd_state'"),
     ],
 )
 def test_bad_fields_raise_naming_the_field(field, value, match):

@@ -24,10 +24,15 @@ def state_numel(state) -> int:
     return 0
 
 
-@pytest.mark.parametrize("system, tokens", [("spade-s4-window", 2000), ("spade-s4-chunk", 500)])
-def test_state_size_is_constant_while_generating(system, tokens):
+@pytest.mark.parametrize(
+    "system, tokens, ssm",
+    [("spade-s4-window", 2000, "s4"), ("spade-s4-chunk", 500, "s4"),
+     ("spade-s4-window", 300, "s4d"), ("spade-s4-window", 300, "s5"),
+     ("spade-s4-window", 300, "lstm")],
+)
+def test_state_size_is_constant_while_generating(system, tokens, ssm):
     """SSM state + window (or chunk) cache: the same number of elements at every step."""
-    model = tiny_lm(system)
+    model = tiny_lm(system, ssm=ssm)
     state = model.initial_state(1)
     sizes = {}
     token = torch.tensor([3])
@@ -39,6 +44,39 @@ def test_state_size_is_constant_while_generating(system, tokens):
                 sizes[t] = state_numel(state)
     assert sizes[20] > 0
     assert len(set(sizes.values())) == 1, sizes
+
+
+def test_hyena_state_grows_with_the_tokens():
+    # Hyena's implicit filter has no recurrent form: its state keeps the input history
+    model = tiny_lm(ssm="hyena")
+    state = model.initial_state(1)
+    with torch.no_grad():
+        sizes = []
+        for _ in range(3):
+            _, state = model.step(torch.tensor([1]), state)
+            sizes.append(state_numel(state))
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+@pytest.mark.parametrize("system", ["spade-s4-window", "transformer-full", "spade-s4-chunk"])
+def test_stepping_twice_from_a_copied_state(system):
+    # step() consumes its state (caches are written in place); a deep copy branches safely
+    import copy
+
+    model = tiny_lm(system)
+    prompt, a, b = torch.randint(0, 50, (1, 6)), torch.tensor([7]), torch.tensor([9])
+    with torch.no_grad():
+        state = model.initial_state(1)
+        for t in range(6):
+            _, state = model.step(prompt[:, t], state)
+        logits_b, _ = model.step(b, copy.deepcopy(state))
+        logits_a, state_a = model.step(a, state)
+        logits_a2, _ = model.step(b, state_a)
+        full_a = model(torch.cat([prompt, a[None], b[None]], 1)).logits
+        full_b = model(torch.cat([prompt, b[None]], 1)).logits
+    torch.testing.assert_close(logits_b, full_b[:, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_a, full_a[:, -2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_a2, full_a[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_full_attention_cache_grows():
@@ -93,6 +131,12 @@ def test_filter_logits_top_k_and_top_p():
         ({"temperature": -0.5}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"top_p": 1.5}, "top_p"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"temperature": True}, "temperature"),
+        ({"top_p": True}, "top_p"),
+        ({"seed": "x"}, "seed must be None or a non-negative integer, got 'x'"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -267,7 +267,9 @@ class Attention(nn.Module):
 
         Equals ``forward`` on the whole sequence at this position. The ring-buffer slot of
         absolute position p is p mod num_slots (window) or p mod chunk_size (chunk); slots are
-        written in place when autograd does not need the old contents.
+        written in place when autograd does not need the old contents (no copy of the cache
+        per token), so the ``cache`` passed in is consumed: to step twice from one cache
+        (beam search, several continuations of one prompt), ``copy.deepcopy`` it first.
         """
         self._require_causal()
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:

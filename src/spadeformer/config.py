@@ -35,6 +35,11 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _probability(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
@@ -106,7 +111,7 @@ class SpadeConfig:
     tie_embeddings: bool = True
     num_labels: int = 2  # classification / retrieval heads
     pooling: str = "mean"
-    pad_token_id: int | None = None
+    pad_token_id: int | None = None  # set: positions holding it are padding (no mask given)
     # Adaptive input + adaptive softmax (Baevski & Auli 2019; the paper's WikiText-103 model,
     # Sec. 4.2): None = one plain embedding table; else the vocabulary band boundaries, ids
     # sorted by frequency. Band i is d_model // adaptive_factor**i wide. With tie_embeddings the
@@ -122,6 +127,11 @@ class SpadeConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_position",
                      "num_labels"):
             _positive_int(name, getattr(self, name))
+        if self.num_labels < 2:  # cross-entropy over one class is always 0
+            raise ValueError(f"num_labels must be >= 2 (classes of the classification / "
+                             f"retrieval heads), got {self.num_labels}")
+        _bool("causal", self.causal)
+        _bool("tie_embeddings", self.tie_embeddings)
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -136,12 +146,19 @@ class SpadeConfig:
         _choice("pooling", self.pooling, POOLINGS)
         if not isinstance(self.ssm_options, dict):
             raise ValueError(f"ssm_options must be a dict, got {self.ssm_options!r}")
-        if not 0.0 <= float(self.add_weight) <= 1.0:
-            raise ValueError(f"add_weight must be in [0, 1], got {self.add_weight!r}")
-        if not isinstance(self.global_layers, (list, tuple)):
-            raise ValueError(f"global_layers must be a list of layer indices, got "
+        from spadeformer.ssm import check_ssm_options  # lazy: the SSMs import torch
+
+        check_ssm_options(self.ssm, self.ssm_options)
+        if isinstance(self.add_weight, bool) or not isinstance(self.add_weight, (int, float)) or (
+            not 0.0 <= self.add_weight <= 1.0
+        ):
+            raise ValueError(f"add_weight must be a number in [0, 1], got {self.add_weight!r}")
+        if not isinstance(self.global_layers, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in self.global_layers
+        ):
+            raise ValueError(f"global_layers must be a list of integer layer indices, got "
                              f"{self.global_layers!r}")
-        self.global_layers = sorted({int(i) for i in self.global_layers})
+        self.global_layers = sorted(set(self.global_layers))
         bad = [i for i in self.global_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ValueError(
@@ -166,9 +183,12 @@ class SpadeConfig:
         if self.position == "shaw" and self.attention != "full":
             raise ValueError("position='shaw' (the Transformer-relative baseline) needs "
                              f"attention='full', got attention={self.attention!r}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id must be in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.pad_token_id}")
+        if self.pad_token_id is not None and (
+            isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
+            or not 0 <= self.pad_token_id < self.vocab_size
+        ):
+            raise ValueError(f"pad_token_id must be None or an integer in [0, vocab_size="
+                             f"{self.vocab_size}), got {self.pad_token_id!r}")
         _probability("adaptive_dropout", self.adaptive_dropout)
         if isinstance(self.adaptive_cutoffs, (list, tuple)):  # own copy: presets share lists
             self.adaptive_cutoffs = list(self.adaptive_cutoffs)

@@ -1,13 +1,16 @@
 """Streaming generation on top of ``step()``: constant memory in the number of tokens.
 
 The SSM carries a fixed-size state and window / chunk attention a fixed-size rolling cache, so
-neither memory nor per-token time grows with how many tokens were already produced. (A
-"full"-attention model keeps a growing key/value cache, as any Transformer does.) The prompt is
-consumed token by token through the same ``step()``, which is exact by construction.
+neither memory nor per-token time grows with how many tokens were already produced. Two
+exceptions: a "full"-attention model keeps a growing key/value cache, as any Transformer does,
+and Hyena's state keeps its whole input history (its implicit filter has no recurrent form:
+O(t) memory and time per token, see :mod:`spadeformer.ssm.hyena`). The prompt is consumed
+token by token through the same ``step()``, which is exact by construction.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,17 +18,25 @@ import torch
 __all__ = ["generate", "sample_next", "filter_logits"]
 
 
-def _check_args(max_new_tokens, temperature, top_k, top_p) -> None:
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
         max_new_tokens < 0
     ):
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
@@ -67,7 +78,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     (e.g. :class:`SpadeForCausalLM`). ``on_token`` is called with each new (batch,) id tensor as
     soon as it is sampled (the CLI streams text this way). Returns (batch, prompt + new) ids.
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p)
+    _check_args(max_new_tokens, temperature, top_k, top_p, seed)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"input_ids must have shape (batch, prompt_length >= 1), got {got}")

@@ -73,6 +73,39 @@ def test_bidirectional_classifier_and_padding(system):
     torch.testing.assert_close(model(ids2, padding_mask=mask).logits, out.logits)
 
 
+def test_pool_takes_real_positions_wherever_the_padding_is():
+    from spadeformer.models.heads import pool
+
+    h = torch.arange(6.0).view(1, 6, 1).expand(4, 6, 1)  # hidden value = position
+    mask = torch.tensor([[False, False, False, False, True, True],  # right padding
+                         [True, True, False, False, False, False],  # left padding
+                         [True, False, True, False, True, True],  # gaps
+                         [True, True, True, True, True, True]])  # nothing real
+    assert pool(h, mask, "first").flatten().tolist() == [0.0, 2.0, 1.0, 0.0]
+    assert pool(h, mask, "last").flatten().tolist() == [3.0, 5.0, 3.0, 0.0]
+    assert pool(h, mask, "mean").flatten().tolist() == [1.5, 3.5, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "last"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_classifier_padded_rows_equal_the_unpadded_sequences(pooling, causal):
+    # SPADE has no position embedding (the SSM gives position), so left padding changes nothing
+    cfg = tiny("spade-s4-window", causal=causal, num_labels=3, pooling=pooling)
+    model = SpadeForSequenceClassification(cfg).double().eval()
+    ids = torch.randint(1, 37, (2, 7))
+    padded = torch.zeros(2, 11, dtype=torch.long)
+    padded[0, :7], padded[1, 4:] = ids[0], ids[1]  # right, left padding
+    mask = padded == 0
+    with torch.no_grad():
+        got = model(padded, padding_mask=mask).logits
+        expected = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    # config.pad_token_id marks the padding when no mask is passed
+    model.config.pad_token_id = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded).logits, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_retrieval_two_towers():
     model = SpadeForRetrieval(tiny("spade-s4-window", causal=False)).eval()
     a, b = torch.randint(0, 37, (3, 9)), torch.randint(0, 37, (3, 12))
@@ -103,6 +136,24 @@ def test_save_load_round_trip(tmp_path, system):
     ids = torch.randint(0, 37, (2, 9))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert loaded.lm_head.weight is loaded.backbone.embed.weight  # tying survives
+
+
+def test_load_in_a_chosen_dtype(tmp_path):
+    model = SpadeForCausalLM(tiny("spade-s4-window")).eval()
+    model.save_pretrained(tmp_path / "m")
+    half = SpadeForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert half.backbone.embed.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in half.backbone.layers[0].ssm.parameters()} == {torch.float32}
+    torch.testing.assert_close(half.backbone.embed.weight, model.backbone.embed.weight.bfloat16(),
+                               rtol=0, atol=0)
+    ids = torch.randint(0, 37, (1, 9))
+    assert half(ids).logits.dtype == torch.bfloat16
+    # saved in bfloat16, loaded by default into float32
+    half.save_pretrained(tmp_path / "h")
+    assert SpadeForCausalLM.from_pretrained(tmp_path / "h").backbone.embed.weight.dtype == (
+        torch.float32)
+    with pytest.raises(ValueError, match="dtype must be None or a floating torch.dtype"):
+        SpadeForCausalLM.from_pretrained(tmp_path / "m", dtype="bf16")
 
 
 def test_save_overwrites_atomically(tmp_path):

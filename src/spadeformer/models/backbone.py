@@ -119,11 +119,21 @@ class SpadeModel(PretrainedMixin, nn.Module):
                 x = x + sinusoidal_positions(pos, c.d_model).to(x.dtype)
         return self.embed_dropout(x)
 
+    def padding_mask_for(self, input_ids: torch.Tensor,
+                         padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The mask given, else (batch, length) ``input_ids == config.pad_token_id`` when that
+        is set, else None."""
+        if padding_mask is None and self.config.pad_token_id is not None:
+            return input_ids == self.config.pad_token_id
+        return padding_mask
+
     def forward(self, input_ids: torch.Tensor,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (batch, length) int, padding_mask (batch, length) bool True = padded
-        -> hidden states (batch, length, d_model)."""
+        -> hidden states (batch, length, d_model). Without a padding_mask, a set
+        ``config.pad_token_id`` marks the positions holding it as padding."""
         _check_ids(input_ids, self.config.vocab_size)
+        padding_mask = self.padding_mask_for(input_ids, padding_mask)
         if padding_mask is not None and (
             padding_mask.dtype != torch.bool or padding_mask.shape != input_ids.shape
         ):
@@ -150,7 +160,12 @@ class SpadeModel(PretrainedMixin, nn.Module):
 
     def step(self, input_ids_t: torch.Tensor,
              state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One token per row. input_ids_t (batch,) -> hidden (batch, d_model), new state."""
+        """One token per row. input_ids_t (batch,) -> hidden (batch, d_model), new state.
+
+        The ``state`` passed in is consumed: attention caches are updated in place (see
+        :meth:`spadeformer.attention.Attention.step`). To branch from one state, pass
+        ``copy.deepcopy(state)`` to all but one of the branches.
+        """
         if input_ids_t.dim() != 1:
             raise ValueError(
                 f"input_ids_t must have shape (batch,), got {tuple(input_ids_t.shape)}"

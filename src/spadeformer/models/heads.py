@@ -21,16 +21,20 @@ IGNORE_INDEX = -100
 
 def pool(hidden: torch.Tensor, padding_mask: torch.Tensor | None, how: str) -> torch.Tensor:
     """(batch, length, d) -> (batch, d). "mean" averages real positions only (masked mean);
-    "first" takes position 0; "last" the last real position."""
+    "first" takes the first real position and "last" the last one, wherever the padding is
+    (left, right or in between). A row with no real position gives its position 0."""
     if padding_mask is None:
         padding_mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
     keep = (~padding_mask).to(hidden.dtype).unsqueeze(-1)  # (batch, length, 1)
     if how == "mean":
         return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-    if how == "first":
-        return hidden[:, 0]
-    last = (keep.squeeze(-1).sum(1).long() - 1).clamp_min(0)  # index of last real token
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    positions = torch.arange(hidden.shape[1], device=hidden.device).expand_as(padding_mask)
+    if how == "first":  # smallest real position (length if none: then 0 below)
+        index = positions.masked_fill(padding_mask, hidden.shape[1]).amin(1)
+        index = index.masked_fill(index == hidden.shape[1], 0)
+    else:  # largest real position (-1 if none: then 0)
+        index = positions.masked_fill(padding_mask, -1).amax(1).clamp_min(0)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
 class SpadeForCausalLM(PretrainedMixin, nn.Module):
@@ -108,7 +112,8 @@ class SpadeForCausalLM(PretrainedMixin, nn.Module):
 
     def step(self, input_ids_t: torch.Tensor, state: dict[str, Any]):
         """input_ids_t (batch,) -> logits (batch, vocab) (log-probabilities with the adaptive
-        softmax), new state."""
+        softmax), new state. Consumes ``state`` (see :meth:`SpadeModel.step`): deep-copy it
+        to step twice from it."""
         hidden, state = self.backbone.step(input_ids_t, state)
         return self.lm_head(hidden), state
 
@@ -135,6 +140,7 @@ class SpadeForSequenceClassification(PretrainedMixin, nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (batch, length) -> logits (batch, num_labels); loss if labels (batch,)."""
+        padding_mask = self.backbone.padding_mask_for(input_ids, padding_mask)
         hidden = self.backbone(input_ids, padding_mask=padding_mask)
         logits = self.classifier(pool(hidden, padding_mask, self.config.pooling))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels.long())
@@ -154,6 +160,7 @@ class SpadeForRetrieval(PretrainedMixin, nn.Module):
     def encode(self, input_ids: torch.Tensor,
                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length) -> pooled (batch, d_model)."""
+        padding_mask = self.backbone.padding_mask_for(input_ids, padding_mask)
         return pool(self.backbone(input_ids, padding_mask=padding_mask), padding_mask,
                     self.config.pooling)
 

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
@@ -88,10 +89,19 @@ class PretrainedMixin:
         return target
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu"):
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu",
+                        dtype: torch.dtype | None = None):
         """Load a model saved by :meth:`save_pretrained`. Clear errors for missing, corrupt or
-        mismatched files; nothing is unpickled."""
+        mismatched files; nothing is unpickled.
+
+        The model is built in float32 and the saved tensors are cast into it, whatever dtype
+        they were saved in; ``dtype`` (e.g. ``torch.bfloat16``) casts the model first (SSM
+        parameters stay float32, see :mod:`spadeformer.ssm.base`).
+        """
         from spadeformer.config import SpadeConfig
+
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
 
         path = Path(directory)
         if not path.is_dir():
@@ -111,6 +121,8 @@ class PretrainedMixin:
             raise ModelLoadError(f"{path} holds a {saved_class}, not a {cls.__name__}; "
                                  f"load it with {saved_class}.from_pretrained")
         model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
         try:
             missing, unexpected = load_model(model, str(weights_path), strict=False,
                                              device=map_location)

@@ -5,12 +5,15 @@ All follow the protocol of :class:`spadeformer.ssm.base.GlobalExtractor`.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from typing import Any
 
 from spadeformer.ssm.base import GlobalExtractor
 
-__all__ = ["GlobalExtractor", "build_ssm", "S4", "S4D", "S5", "Hyena", "LSTMGlobal"]
+__all__ = ["GlobalExtractor", "build_ssm", "check_ssm_options", "S4", "S4D", "S5", "Hyena",
+           "LSTMGlobal"]
 
 # kind -> (module, class). Imported lazily so one broken optional piece never blocks the rest.
 _REGISTRY = {
@@ -29,9 +32,30 @@ def ssm_class(kind: str) -> type[GlobalExtractor]:
     return getattr(importlib.import_module(module), name)
 
 
+def ssm_option_names(kind: str) -> list[str]:
+    """The keyword options of SSM ``kind`` (its constructor's arguments but d_model and
+    bidirectional, which the model sets)."""
+    params = inspect.signature(ssm_class(kind).__init__).parameters
+    return [n for n in params if n not in ("self", "d_model", "bidirectional")]
+
+
+def check_ssm_options(kind: str, options: dict[str, Any], name: str = "ssm_options") -> None:
+    """Raise ValueError naming an unknown option of SSM ``kind``, its closest valid name and
+    the valid ones."""
+    valid = ssm_option_names(kind)
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown {name} key {key!r} for ssm={kind!r}{hint} Valid keys: {valid}"
+            )
+
+
 def build_ssm(kind: str, d_model: int, *, bidirectional: bool, **options: Any) -> GlobalExtractor:
     """Instantiate the SSM ``kind`` ("s4", "s4d", "s5", "hyena", "lstm")."""
     cls = ssm_class(kind)
+    check_ssm_options(kind, options, name="SSM option")
     try:
         return cls(d_model, bidirectional=bidirectional, **options)
     except TypeError as err:  # unknown option: say which SSM and what it takes
