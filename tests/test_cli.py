@@ -81,6 +81,64 @@ def test_resume_refuses_and_continues(tmp_path, corpus_root, capsys):
     assert json.loads(capsys.readouterr().out)["step"] == 20
 
 
+def _metrics_without_timing(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def test_same_command_same_run(tmp_path, corpus_root, capsys):
+    # train.seed fixes the initial weights too, not only dropout and the data order
+    for name in ("a", "b"):
+        assert main(["train", "--out", str(tmp_path / name), f"data.root={corpus_root}", *TINY,
+                     "train.steps=3", "train.log_every=1", "model.dropout=0.1"]) == 0
+    assert _metrics_without_timing(tmp_path / "a") == _metrics_without_timing(tmp_path / "b")
+    assert main(["train", "--out", str(tmp_path / "c"), f"data.root={corpus_root}", *TINY,
+                 "train.steps=3", "train.log_every=1", "model.dropout=0.1", "train.seed=1"]) == 0
+    assert _metrics_without_timing(tmp_path / "c") != _metrics_without_timing(tmp_path / "a")
+
+
+def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), f"data.root={corpus_root}", *TINY, "train.steps=10"]
+    assert main(args) == 0
+    saved = (run / "run_config.yaml").read_text()
+    # a refused fresh start (and a refused resume) leave the run's config alone
+    assert main([*args, "model.window_size=4"]) == 2
+    assert main(["train", "--resume", *args[1:], "model.window_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint" in err
+    assert "changes model.window_size (8 -> 4)" in err and "Resume without --config" in err
+    assert (run / "run_config.yaml").read_text() == saved
+    # without --config the run's own settings are the start; train.* may change
+    assert main(["train", "--out", str(run), "--resume", "train.steps=12"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 12
+    assert "window_size: 8" in (run / "run_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.seq_len=abc", "data.seq_len must be an integer >= 1, got 'abc'"),
+    ("data.eval_seq_len=0", "data.eval_seq_len must be an integer >= 1, got 0"),
+    ("data.include_tests=maybe", "data.include_tests must be true or false, got 'maybe'"),
+    ("data.root=2024", "data.root must be a folder path, got 2024"),
+    ("data.max_bytes=0", "data.max_bytes must be an integer >= 1"),
+])
+def test_data_options_are_checked_by_name(tmp_path, capsys, override, match):
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY, override]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "r" / "run_config.yaml").exists()
+
+
+def test_empty_sections_and_integral_floats(tmp_path):
+    from spadeformer.runconfig import load_run_config
+    from spadeformer.training.trainer import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\nmodel:\n  preset: s4\n")
+    cfg = load_run_config(path, ["train.steps=1e3", "data.root='2024'"])
+    assert cfg["data"] == {"name": "stdlib", "root": "2024"}  # quoted: a name, not a number
+    assert TrainConfig.from_dict(cfg["train"]).steps == 1000
+
+
 def test_yaml_exponents_without_dot_are_numbers(tmp_path):
     from spadeformer.runconfig import load_run_config
 

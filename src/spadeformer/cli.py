@@ -24,12 +24,23 @@ MODEL_DIR = "model"
 # ----------------------------------------------------------------------------- train
 def train(config: str | None, overrides: list[str], out: str | None = None,
           resume: bool = False) -> dict[str, Any]:
-    """Train from a YAML preset plus dotted overrides; returns the final metrics."""
+    """Train from a YAML preset plus dotted overrides; returns the final metrics.
+
+    ``resume`` continues the run in ``out``: without ``config`` its own run_config.yaml is the
+    starting point (overrides may then change train settings); the model and data settings
+    must stay those of the run.
+    """
     from spadeformer.runconfig import build_model_config, load_run_config
     from spadeformer.tasks import get_task
-    from spadeformer.training.trainer import TrainConfig, Trainer
+    from spadeformer.training.checkpoint import atomic_write
+    from spadeformer.training.trainer import TrainConfig, Trainer, seed_everything
 
-    cfg = load_run_config(config, overrides)
+    saved = _saved_run_config(out) if resume and out is not None else None
+    if config is None and saved is not None:
+        cfg = load_run_config(None, overrides, base={k: saved[k] for k in ("model", "data",
+                                                                           "train")})
+    else:
+        cfg = load_run_config(config, overrides)
     source = get_task(cfg["data"])
     task = source.task
     model_section = dict(cfg["model"])
@@ -41,6 +52,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     train_section.setdefault("task", task.objective)
     train_section.setdefault("lm_metric", task.lm_metric)
     train_config = TrainConfig.from_dict(train_section)
+    if saved is not None:
+        _check_same_run(out, saved, model_config.to_dict(), cfg["data"])
 
     if out is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -50,12 +63,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir = Path(out)
     main_process = _is_rank_zero()  # under torchrun only rank 0 writes
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        resolved = {"model": model_config.to_dict(), "data": cfg["data"],
-                    "train": train_config.to_dict(), "task": task.name}
-        (out_dir / RUN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
+    seed_everything(train_config.seed)  # the initial weights follow train.seed too
     model = task.model_cls()(model_config)
     if main_process:
         _say(f"model: {type(model).__name__}, {model.num_parameters():,} parameters "
@@ -63,6 +72,11 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     # PadCollate for the LRA sources (pads, adds padding_mask[_1/_2]); None = stack LM blocks.
     trainer = Trainer(model, source.dataset("train"), source.dataset("val"), train_config,
                       out_dir, resume=resume, collate_fn=source.collate_fn)
+    if main_process:  # only once the Trainer accepted the run dir (a refusal leaves it alone)
+        resolved = {"model": model_config.to_dict(), "data": cfg["data"],
+                    "train": train_config.to_dict(), "task": task.name}
+        text = yaml.safe_dump(resolved, sort_keys=False)
+        atomic_write(out_dir / RUN_CONFIG, lambda tmp: Path(tmp).write_text(text))
     metrics = trainer.fit()
     if trainer.dist.is_main:
         # The run's model = the best validation checkpoint (the last one if never validated).
@@ -71,6 +85,33 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         model.save_pretrained(out_dir / MODEL_DIR)
         _plot_curves(out_dir)
     return metrics
+
+
+def _saved_run_config(out: str) -> dict[str, Any] | None:
+    """The run_config.yaml of run directory ``out``, or None if it has none."""
+    path = Path(out) / RUN_CONFIG
+    if not path.is_file():
+        return None
+    saved = yaml.safe_load(path.read_text())
+    if not isinstance(saved, dict) or not all(
+        isinstance(saved.get(k), dict) for k in ("model", "data", "train")
+    ):
+        raise ValueError(f"{path} is not a run config written by `spadeformer train`")
+    return saved
+
+
+def _check_same_run(out: str, saved: dict[str, Any], model: dict[str, Any],
+                    data: dict[str, Any]) -> None:
+    """--resume continues a run: its model and data must be the ones it was trained with."""
+    changed = [f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})"
+               for section, old, new in (("model", saved["model"], model),
+                                         ("data", saved["data"], data))
+               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if changed:
+        raise ValueError(
+            f"--resume continues the run in {out!r} as its {RUN_CONFIG} describes it, but this "
+            f"command changes {', '.join(changed)}. Resume without --config to reuse the run's "
+            "settings (overrides may change train.* only), or train into a new --out")
 
 
 def _model_config(build, model_section: dict[str, Any], task):
@@ -111,6 +152,10 @@ def _load_run(run: str):
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: {RUN_CONFIG} is "
                                 "missing (make one with `spadeformer train --out DIR`)")
     cfg = yaml.safe_load(cfg_path.read_text())
+    if not (run_dir / MODEL_DIR).is_dir() and (run_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"{str(run_dir)!r} has checkpoints but no {MODEL_DIR}/: the model is exported when "
+            f"training ends; finish the run with `spadeformer train --out {run_dir} --resume`")
     source = get_task(cfg["data"])
     model = source.task.model_cls().from_pretrained(run_dir / MODEL_DIR)
     assert isinstance(model.config, SpadeConfig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +104,23 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+# What YAML 1.1 (PyYAML) leaves as text but YAML 1.2 reads as a float: an exponent without a
+# dot, 3e-3 or 1E4. Other text stays text ('2024' in quotes is a name, not a number).
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _float_from_text(value: str) -> Any:
+    return float(value) if _EXPONENT_FLOAT.fullmatch(value) else value
+
+
 def _parse_value(raw: str) -> Any:
     """YAML scalars and lists, plus what YAML 1.1 leaves as text: 3e-3 (no dot), None."""
     value = yaml.safe_load(raw) if raw.strip() else ""
     if isinstance(value, str):
         if value.lower() in ("none", "null"):
             return None
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+        return _float_from_text(value)
+    return _numbers_from_text(value)
 
 
 def _numbers_from_text(node: Any) -> Any:
@@ -123,16 +130,15 @@ def _numbers_from_text(node: Any) -> Any:
     if isinstance(node, list):
         return [_numbers_from_text(v) for v in node]
     if isinstance(node, str):
-        try:
-            return float(node)
-        except ValueError:
-            return node
+        return _float_from_text(node)
     return node
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """Read the YAML file (or start empty), apply overrides, validate. Returns a plain dict."""
-    cfg: dict[str, Any] = {}
+def load_run_config(path: str | Path | None, overrides: list[str] = (),
+                    base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read the YAML file (or start from ``base``, or empty), apply overrides, validate.
+    Returns a plain dict."""
+    cfg: dict[str, Any] = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -141,10 +147,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> dict[
         if not isinstance(loaded, dict):
             raise RunConfigError(f"{p} must hold a mapping with sections {list(SECTIONS)}")
         cfg = _numbers_from_text(copy.deepcopy(loaded))
+    for section in SECTIONS:
+        if cfg.get(section) is None:  # absent, or an empty "data:" in the YAML
+            cfg[section] = {}
     for override in overrides:
         apply_override(cfg, override)
-    for section in SECTIONS:
-        cfg.setdefault(section, {})
     cfg["data"].setdefault("name", "stdlib")
     validate_run_config(cfg)
     return cfg

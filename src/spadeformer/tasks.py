@@ -87,6 +87,24 @@ def _fraction_option(options: dict[str, Any], name: str, default: float) -> floa
     return float(value)
 
 
+def _bool_option(options: dict[str, Any], name: str, default: bool) -> bool:
+    value = options.get(name, default)
+    if not isinstance(value, bool):
+        raise RunConfigError(f"data.{name} must be true or false, got {value!r}")
+    return value
+
+
+def _folder_option(options: dict[str, Any], name: str) -> Path | None:
+    """An optional folder (None = the default): numbers are refused, not read as names."""
+    value = options.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise RunConfigError(f"data.{name} must be a folder path, got {value!r} "
+                             f"(quote a numeric folder name: data.{name}=\"'{value}'\")")
+    return Path(value).expanduser()
+
+
 def _path_option(options: dict[str, Any], source: str, layout: str, hint: str = "") -> Path:
     """``data.path``: required, an existing folder. The data modules name missing files."""
     raw = options.get("path")
@@ -128,11 +146,13 @@ class StdlibBytes:
     def __init__(self, options: dict[str, Any]):
         from spadeformer.data.corpus import ByteCorpus
 
-        self.seq_len = int(options.get("seq_len", 512))
-        self.eval_seq_len = int(options.get("eval_seq_len") or self.seq_len)
-        self.corpus = ByteCorpus(options.get("root"),
-                                 include_tests=bool(options.get("include_tests", False)),
-                                 max_bytes=options.get("max_bytes"))
+        self.seq_len = _int_option(options, "seq_len", 512)
+        self.eval_seq_len = _int_option(options, "eval_seq_len", self.seq_len)
+        max_bytes = options.get("max_bytes")
+        self.corpus = ByteCorpus(_folder_option(options, "root"),
+                                 include_tests=_bool_option(options, "include_tests", False),
+                                 max_bytes=None if max_bytes is None else _int_option(
+                                     options, "max_bytes", 0))
 
     def dataset(self, split: str):
         seq_len = self.seq_len if split == "train" else self.eval_seq_len

@@ -123,10 +123,11 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, data):
             torch.testing.assert_close(finals[other][k], finals[0][k], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, data):
+@pytest.mark.parametrize("log_every", [1, 5])  # 5: a log window spans the resumed save
+def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, data, log_every):
     train, val = data
     config = cfg(steps=24, grad_accum=2, save_every=6, eval_every=4, warmup_steps=3,
-                 schedule="cosine", min_lr_ratio=0.1)
+                 schedule="cosine", min_lr_ratio=0.1, log_every=log_every)
 
     torch.manual_seed(0)
     ref_model = TinyLM(dropout=0.2)  # dropout: the RNG state must be restored too
@@ -150,10 +151,28 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, data):
     def strip(lines):  # everything but wall-clock throughput must be identical
         return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
 
-    assert len(rows) == len(ref_rows) == 24 + 6
+    assert len(rows) == len(ref_rows) == -(-24 // log_every) + 6  # + the final step
     assert strip(rows) == strip(ref_rows)  # exact float equality, every step
     ref_w, got_w = weights(ref_model), weights(resumed)
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_resume_applies_changed_optimiser_settings(tmp_path, data):
+    train, val = data
+    Trainer(TinyLM(), train, val, cfg(steps=4, save_every=4, weight_decay=0.01), tmp_path).fit()
+    config = cfg(steps=8, lr=3e-3, weight_decay=0.2, betas=(0.8, 0.9))
+    with pytest.warns(UserWarning, match="they apply from the next step"):
+        trainer = Trainer(TinyLM(), train, val, config, tmp_path, resume=True)
+    factor = lr_factor(4, total_steps=8, warmup_steps=config.warmup_steps)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(3e-3 * factor, rel=1e-12)
+        assert group["betas"] == (0.8, 0.9)
+        assert group["weight_decay"] in (0.2, 0.0)  # 0 for biases and norms
+    assert any(g["weight_decay"] == 0.2 for g in trainer.optimizer.param_groups)
+    trainer.fit()
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logged if r["step"] == 5 and r["split"] == "train"] == [
+        pytest.approx(3e-3 * factor, rel=1e-12)]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path, data):
@@ -235,3 +254,13 @@ def test_classification_task_reports_accuracy(tmp_path):
                      .argmax(-1)) for x in val.items]
     want = sum(p == int(x["labels"]) for p, x in zip(preds, val.items, strict=True)) / len(val)
     assert got["accuracy"] == pytest.approx(want, abs=1e-12)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, data, capsys):
+    train, val = data
+    Trainer(TinyLM(), train, val, cfg(steps=4, log_every=2, eval_every=4, progress=True),
+            tmp_path).fit()
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step ")]
+    assert [x.split(":")[0] for x in lines] == ["step 2/4 train", "step 4/4 train",
+                                                "step 4/4 val"]
+    assert "loss " in lines[0] and "lr " in lines[0]

@@ -6,11 +6,15 @@ before the first ``scheduler.step()``, so the two agree when the trainer steps t
 after every optimiser update.
 
     warmup (t < W):   (t + 1) / W                        reaches 1 on the last warmup update
-    after warmup:     p = (t + 1 - W) / (T - W)           in (0, 1]; 1 on the last update
+    after warmup:     p = (t - W) / (T - W)               0 on the first update after warmup
         linear:       1 - (1 - m) p                       (paper Table 10: linear decay)
         cosine:       m + (1 - m) (1 + cos(pi p)) / 2
         constant:     1
     (W = warmup_steps, T = total_steps, m = min_lr_ratio; factors clamp at m for t >= T)
+
+So the first update after warm-up uses the full learning rate and the last one still moves
+the weights (p = 1 - 1 / (T - W) < 1; with the default m = 0 a factor of 1 / (T - W)), as in
+fairseq and Hugging Face; no update is wasted at a zero learning rate.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def lr_factor(t: int, *, total_steps: int, warmup_steps: int = 0, schedule: str 
         return (t + 1) / warmup_steps
     if schedule == "constant" or total_steps == warmup_steps:
         return 1.0
-    p = min(1.0, (t + 1 - warmup_steps) / (total_steps - warmup_steps))
+    p = min(1.0, (t - warmup_steps) / (total_steps - warmup_steps))
     if schedule == "linear":
         return 1.0 - (1.0 - min_lr_ratio) * p
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))

@@ -118,6 +118,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives a list
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
+                     "save_every", "seed", "warmup_steps", "eval_batches"):
+            v = getattr(self, name)  # train.steps=1e3 on the command line is a float
+            if isinstance(v, float) and v.is_integer():
+                setattr(self, name, int(v))
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             v = getattr(self, name)
             if not _is_int(v) or v <= 0:
@@ -177,11 +182,25 @@ class TrainConfig:
 
 
 class _Window:
-    """Running sums between two train log lines."""
+    """Running sums between two train log lines. Checkpoints hold them (``sums()``), so the
+    first line after a resume averages the same steps as the uninterrupted run's."""
 
-    def __init__(self) -> None:
+    def __init__(self, sums: dict[str, float] | None = None) -> None:
         self.steps, self.loss, self.tokens, self.correct, self.count = 0, 0.0, 0.0, 0.0, 0.0
+        self.elapsed = 0.0  # seconds of training steps before t0 (restored with the sums)
+        if sums:
+            self.steps = int(sums["steps"])
+            self.loss, self.tokens = float(sums["loss"]), float(sums["tokens"])
+            self.correct, self.count = float(sums["correct"]), float(sums["count"])
+            self.elapsed = float(sums["elapsed"])
         self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+    def sums(self) -> dict[str, float]:
+        return {"steps": self.steps, "loss": self.loss, "tokens": self.tokens,
+                "correct": self.correct, "count": self.count, "elapsed": self.seconds()}
 
     def add(self, loss: float, tokens: float, correct: float, count: float) -> None:
         self.steps += 1
@@ -234,6 +253,8 @@ class Trainer:
         self.step = 0
         self.position = 0  # training examples consumed (global, all ranks)
         self.best_val_loss = math.inf
+        self._window = _Window()
+        self._print_lines = False  # fit() decides: log lines on stderr when it is no terminal
         state = self._load_for_resume() if resume else None
         if not resume and self.ckpt.pointer("last") is not None:
             raise FileExistsError(
@@ -277,16 +298,27 @@ class Trainer:
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k not in _RESUME_SAFE and k in old and old[k] != v)
         if changed and self.dist.is_main:
-            warnings.warn(f"resuming with changed settings {changed}: the run will not repeat "
-                          f"the original exactly", stacklevel=3)
+            warnings.warn(f"resuming with changed settings {changed}: they apply from the next "
+                          f"step, so the run will not repeat the original exactly", stacklevel=3)
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
+        # The checkpoint's optimiser state brings back its own lr, weight decay and betas; a
+        # resumed run's config may change them, and the config wins (the warning of
+        # _load_for_resume names them). Unchanged settings give back the same numbers.
+        fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas")}
+                 for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [f["initial_lr"] for f in fresh]
+        for group, settings, fn in zip(self.optimizer.param_groups, fresh,
+                                       self.scheduler.lr_lambdas, strict=True):
+            group.update(settings)
+            group["lr"] = settings["initial_lr"] * fn(self.scheduler.last_epoch)
         self.step = int(state["step"])
         self.position = int(state["data"]["position"])
         self.best_val_loss = float(state["best_val_loss"])
+        self._window = _Window(state.get("train_window"))  # absent in older checkpoints
         if int(state["data"].get("num_items", len(self.train_data))) != len(self.train_data):
             warnings.warn("train_data has a different length than when the checkpoint was "
                           "written; the data order will differ", stacklevel=3)
@@ -393,6 +425,11 @@ class Trainer:
         if self.dist.is_main:
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self._print_lines:
+            shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in record.items() if k not in ("step", "split"))
+            print(f"step {record['step']}/{self.config.steps} {record['split']}: {shown}",
+                  file=sys.stderr, flush=True)
 
     def _save(self, tags: list[str], info: dict[str, Any] | None = None) -> None:
         # Every rank contributes its RNG state (a collective), rank 0 writes.
@@ -405,6 +442,7 @@ class Trainer:
                 "data": {"position": self.position, "seed": self.config.seed,
                          "num_items": len(self.train_data)},
                 "best_val_loss": self.best_val_loss,
+                "train_window": self._window.sums(),
                 "world_size": self.dist.world_size,
                 "config": self.config.to_dict(),
             }
@@ -415,28 +453,32 @@ class Trainer:
         """Train to ``config.steps``; returns the final metrics (last train window, last
         validation, best validation loss). Raises NonFiniteLossError on a NaN / inf loss."""
         cfg = self.config
+        # a progress bar on a terminal; one line per log record otherwise (pipes, CI, nohup)
         show = cfg.progress and self.dist.is_main and sys.stderr.isatty()
+        self._print_lines = cfg.progress and self.dist.is_main and not show
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train",
                    dynamic_ncols=True)
-        window = _Window()
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
+                window = self._window
                 stats = self._train_step(step)
                 self.step = step
                 window.add(*stats)
                 bar.update(1)
                 final = step == cfg.steps
                 if step % cfg.log_every == 0 or final:
-                    dt = max(time.perf_counter() - window.t0, 1e-9)
                     loss = window.loss / window.steps
                     rec = {"step": step, "split": "train", "loss": loss,
                            **self._task_metric(loss, window.correct, window.count),
-                           "tokens_per_s": window.tokens / dt, "lr": self._lr(step)}
+                           "tokens_per_s": window.tokens / max(window.seconds(), 1e-9),
+                           "lr": self._lr(step)}
                     self._log(rec)
                     self.last_metrics["train"] = rec
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                    window = _Window()
+                    self._window = _Window()
+                # validation and checkpoints are not training time: keep them out of tokens/s
+                paused = time.perf_counter()
                 tags: list[str] = []
                 info: dict[str, Any] = {}
                 if self.val_data is not None and (
@@ -453,6 +495,7 @@ class Trainer:
                     tags.append("last")
                 if tags:
                     self._save(tags, info)
+                self._window.t0 += time.perf_counter() - paused
         finally:
             bar.close()
         out: dict[str, Any] = {"step": self.step, "best_val_loss": self.best_val_loss}
