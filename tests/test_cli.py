@@ -102,15 +102,18 @@ def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):
     args = ["train", "--out", str(run), f"data.root={corpus_root}", *TINY, "train.steps=10"]
     assert main(args) == 0
     saved = (run / "run_config.yaml").read_text()
-    # a refused fresh start (and a refused resume) leave the run's config alone
+    # a refused fresh start (and a refused resume) leave the run's config alone; the model
+    # cannot change on resume (the data may, with a warning)
     assert main([*args, "model.window_size=4"]) == 2
     assert main(["train", "--resume", *args[1:], "model.window_size=4"]) == 2
     err = capsys.readouterr().err
     assert "already holds a checkpoint" in err
-    assert "changes model.window_size (8 -> 4)" in err and "Resume without --config" in err
+    assert "changes model.window_size (8 -> 4)" in err and "drop the model.* overrides" in err
     assert (run / "run_config.yaml").read_text() == saved
-    # without --config the run's own settings are the start; train.* may change
-    assert main(["train", "--out", str(run), "--resume", "train.steps=12"]) == 0
+    # without --config the run's own settings are the start; train.* (and data.*) may change
+    with pytest.warns(UserWarning, match=r"changed data settings \['data.include_tests"):
+        assert main(["train", "--out", str(run), "--resume", "train.steps=12",
+                     "data.include_tests=false"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 12
     assert "window_size: 8" in (run / "run_config.yaml").read_text()
 
@@ -137,6 +140,10 @@ def test_empty_sections_and_integral_floats(tmp_path):
     cfg = load_run_config(path, ["train.steps=1e3", "data.root='2024'"])
     assert cfg["data"] == {"name": "stdlib", "root": "2024"}  # quoted: a name, not a number
     assert TrainConfig.from_dict(cfg["train"]).steps == 1000
+    path.write_text("data:\n  root: '1e5'\ntrain:\n  lr: 1e-3\n")
+    cfg = load_run_config(path, ["data.max_bytes=2e5"])
+    assert cfg["data"]["root"] == "1e5" and cfg["train"]["lr"] == 0.001
+    assert cfg["data"]["max_bytes"] == 200000.0
 
 
 def test_yaml_exponents_without_dot_are_numbers(tmp_path):

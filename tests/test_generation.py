@@ -135,7 +135,8 @@ def test_filter_logits_top_k_and_top_p():
         ({"temperature": float("inf")}, "temperature must be a finite number"),
         ({"temperature": True}, "temperature"),
         ({"top_p": True}, "top_p"),
-        ({"seed": "x"}, "seed must be None or a non-negative integer, got 'x'"),
+        ({"seed": "x"}, "seed must be None or an integer, got 'x'"),
+        ({"seed": True}, "seed must be None or an integer"),
         ({"seed": 1.5}, "seed"),
     ],
 )

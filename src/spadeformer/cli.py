@@ -27,8 +27,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     """Train from a YAML preset plus dotted overrides; returns the final metrics.
 
     ``resume`` continues the run in ``out``: without ``config`` its own run_config.yaml is the
-    starting point (overrides may then change train settings); the model and data settings
-    must stay those of the run.
+    starting point (overrides may then change train and data settings, with a warning); the
+    model must stay the run's.
     """
     from spadeformer.runconfig import build_model_config, load_run_config
     from spadeformer.tasks import get_task
@@ -53,7 +53,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     train_section.setdefault("lm_metric", task.lm_metric)
     train_config = TrainConfig.from_dict(train_section)
     if saved is not None:
-        _check_same_run(out, saved, model_config.to_dict(), cfg["data"])
+        _check_same_run(out, saved, model_config.to_dict(), cfg["data"], config is not None)
 
     if out is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -101,17 +101,29 @@ def _saved_run_config(out: str) -> dict[str, Any] | None:
 
 
 def _check_same_run(out: str, saved: dict[str, Any], model: dict[str, Any],
-                    data: dict[str, Any]) -> None:
-    """--resume continues a run: its model and data must be the ones it was trained with."""
-    changed = [f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})"
-               for section, old, new in (("model", saved["model"], model),
-                                         ("data", saved["data"], data))
-               for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+                    data: dict[str, Any], with_config: bool) -> None:
+    """--resume continues a run: a changed model is refused (the checkpoint holds its weights),
+    a changed data section is allowed with a warning (it changes what the run trains on)."""
+    import warnings
+
+    from spadeformer.config import SpadeConfig
+
+    def changes(section: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+        return [f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})"
+                for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+    # through SpadeConfig: fields added since the run was made take their defaults
+    changed = changes("model", SpadeConfig.from_dict(saved["model"]).to_dict(), model)
     if changed:
+        how = ("resume without --config to reuse the run's settings (overrides may then change "
+               "train.* and data.*)" if with_config else "drop the model.* overrides")
         raise ValueError(
-            f"--resume continues the run in {out!r} as its {RUN_CONFIG} describes it, but this "
-            f"command changes {', '.join(changed)}. Resume without --config to reuse the run's "
-            "settings (overrides may change train.* only), or train into a new --out")
+            f"--resume continues the run in {out!r} with the model its {RUN_CONFIG} describes, "
+            f"but this command changes {', '.join(changed)}: {how}, or train into a new --out")
+    changed = changes("data", saved["data"], data)
+    if changed:
+        warnings.warn(f"resuming with changed data settings {changed}: the run continues on "
+                      "other data than it started with", stacklevel=3)
 
 
 def _model_config(build, model_section: dict[str, Any], task):

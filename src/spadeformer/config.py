@@ -111,7 +111,7 @@ class SpadeConfig:
     tie_embeddings: bool = True
     num_labels: int = 2  # classification / retrieval heads
     pooling: str = "mean"
-    pad_token_id: int | None = None  # set: positions holding it are padding (no mask given)
+    pad_token_id: int | None = None  # classifier / retrieval: this id is padding (no mask given)
     # Adaptive input + adaptive softmax (Baevski & Auli 2019; the paper's WikiText-103 model,
     # Sec. 4.2): None = one plain embedding table; else the vocabulary band boundaries, ids
     # sorted by frequency. Band i is d_model // adaptive_factor**i wide. With tie_embeddings the

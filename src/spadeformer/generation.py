@@ -11,6 +11,7 @@ token by token through the same ``step()``, which is exact by construction.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -35,8 +36,13 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
+    if seed is not None:
+        try:  # ints, numpy integers: anything usable as an index
+            if isinstance(seed, bool):
+                raise TypeError
+            operator.index(seed)
+        except TypeError:
+            raise ValueError(f"seed must be None or an integer, got {seed!r}") from None
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
@@ -89,7 +95,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         input_ids = input_ids.to(device)
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+            generator = torch.Generator(device=device).manual_seed(operator.index(seed))
         state = model.initial_state(input_ids.shape[0])
         for t in range(input_ids.shape[1]):
             logits, state = model.step(input_ids[:, t], state)

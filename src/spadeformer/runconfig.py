@@ -104,34 +104,24 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-# What YAML 1.1 (PyYAML) leaves as text but YAML 1.2 reads as a float: an exponent without a
-# dot, 3e-3 or 1E4. Other text stays text ('2024' in quotes is a name, not a number).
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads ``3e-3`` (an exponent without a dot) as text; this
+    loader reads such plain scalars as floats, as YAML 1.2 does. Quoted scalars stay text
+    (``'2024'`` or ``'1e5'`` as a folder name)."""
 
 
-def _float_from_text(value: str) -> Any:
-    return float(value) if _EXPONENT_FLOAT.fullmatch(value) else value
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
 
 
 def _parse_value(raw: str) -> Any:
-    """YAML scalars and lists, plus what YAML 1.1 leaves as text: 3e-3 (no dot), None."""
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):
-        if value.lower() in ("none", "null"):
-            return None
-        return _float_from_text(value)
-    return _numbers_from_text(value)
-
-
-def _numbers_from_text(node: Any) -> Any:
-    """YAML 1.1 reads ``lr: 3e-3`` as the text '3e-3'; read such scalars as numbers."""
-    if isinstance(node, dict):
-        return {k: _numbers_from_text(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_numbers_from_text(v) for v in node]
-    if isinstance(node, str):
-        return _float_from_text(node)
-    return node
+    """YAML scalars and lists (with the loader's 3e-3 floats); an unquoted None is null."""
+    value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    quoted = raw.strip()[:1] in ("'", '"')
+    if isinstance(value, str) and not quoted and value.lower() == "none":
+        return None
+    return value
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (),
@@ -143,10 +133,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (),
         p = Path(path)
         if not p.is_file():
             raise RunConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.load(p.read_text(), Loader=_Loader) or {}
         if not isinstance(loaded, dict):
             raise RunConfigError(f"{p} must hold a mapping with sections {list(SECTIONS)}")
-        cfg = _numbers_from_text(copy.deepcopy(loaded))
+        cfg = loaded
     for section in SECTIONS:
         if cfg.get(section) is None:  # absent, or an empty "data:" in the YAML
             cfg[section] = {}

@@ -106,6 +106,16 @@ def test_classifier_padded_rows_equal_the_unpadded_sequences(pooling, causal):
         torch.testing.assert_close(model(padded).logits, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_pad_token_id_leaves_the_causal_lm_alone():
+    # step() cannot skip tokens, so the LM's forward must not treat any id as padding
+    model = SpadeForCausalLM(tiny("spade-s4-window")).eval()
+    ids = torch.tensor([[3, 5, 7, 5, 9]])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.config.pad_token_id = 5
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
 def test_retrieval_two_towers():
     model = SpadeForRetrieval(tiny("spade-s4-window", causal=False)).eval()
     a, b = torch.randint(0, 37, (3, 9)), torch.randint(0, 37, (3, 12))

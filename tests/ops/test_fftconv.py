@@ -26,12 +26,12 @@ def test_fast_fft_length_is_smallest_5_smooth(n):
 
 
 @pytest.mark.parametrize("L", [1, 7, 64, 300])
-@pytest.mark.parametrize("Lk", ["same", "short"])
+@pytest.mark.parametrize("Lk", ["same", "short", "long"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
 def test_fft_conv_matches_toeplitz_reference(L, Lk, bidirectional, padded):
     B, H = 2, 3
-    Lk = L if Lk == "same" else max(1, L // 3)
+    Lk = {"same": L, "short": max(1, L // 3), "long": 3 * L + 1}[Lk]
     u = torch.randn(B, H, L, dtype=torch.float64)
     k = torch.randn(H, Lk, dtype=torch.float64)
     k_rev = torch.randn(H, Lk, dtype=torch.float64) if bidirectional else None
@@ -142,3 +142,4 @@ def test_torch_func_grad_and_vmap_through_the_constant_kernel_path(bidirectional
     torch.testing.assert_close(g, torch.func.grad(loss(fft_conv_ref))(u), rtol=1e-9, atol=1e-9)
     v = torch.func.vmap(lambda x: fft_conv(x, k, k_rev))(u.unsqueeze(1))
     torch.testing.assert_close(v.squeeze(1), fft_conv_ref(u, k, k_rev), rtol=1e-9, atol=1e-9)
+

@@ -222,3 +222,12 @@ def test_frozen_module_copies_and_pickles_with_a_filled_cache(kind, tmp_path):
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
     assert not torch.equal(twin(x), y)
     torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", FROZEN_CACHED)
+def test_frozen_module_built_under_inference_mode(kind):
+    x = torch.randn(1, 10, 6)
+    with torch.inference_mode():  # its parameters have no version counter: nothing is cached
+        m = make(kind, bidirectional=False, trainable=False).eval()
+        y1, y2 = m(x), m(x)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)

@@ -119,21 +119,11 @@ class SpadeModel(PretrainedMixin, nn.Module):
                 x = x + sinusoidal_positions(pos, c.d_model).to(x.dtype)
         return self.embed_dropout(x)
 
-    def padding_mask_for(self, input_ids: torch.Tensor,
-                         padding_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """The mask given, else (batch, length) ``input_ids == config.pad_token_id`` when that
-        is set, else None."""
-        if padding_mask is None and self.config.pad_token_id is not None:
-            return input_ids == self.config.pad_token_id
-        return padding_mask
-
     def forward(self, input_ids: torch.Tensor,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (batch, length) int, padding_mask (batch, length) bool True = padded
-        -> hidden states (batch, length, d_model). Without a padding_mask, a set
-        ``config.pad_token_id`` marks the positions holding it as padding."""
+        -> hidden states (batch, length, d_model)."""
         _check_ids(input_ids, self.config.vocab_size)
-        padding_mask = self.padding_mask_for(input_ids, padding_mask)
         if padding_mask is not None and (
             padding_mask.dtype != torch.bool or padding_mask.shape != input_ids.shape
         ):

@@ -37,6 +37,16 @@ def pool(hidden: torch.Tensor, padding_mask: torch.Tensor | None, how: str) -> t
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+def _padding_mask(config: SpadeConfig, input_ids: torch.Tensor,
+                  padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask given, else ``input_ids == config.pad_token_id`` when that is set. Only the
+    classification and retrieval heads use it: a causal LM has no padding to infer (its
+    ``step()`` could not skip such tokens, so forward and generation would disagree)."""
+    if padding_mask is None and config.pad_token_id is not None:
+        return input_ids == config.pad_token_id
+    return padding_mask
+
+
 class SpadeForCausalLM(PretrainedMixin, nn.Module):
     """Next-token prediction. ``labels`` are aligned with ``input_ids`` (labels[:, t] is the
     target at position t, i.e. already shifted); -100 is ignored.
@@ -140,7 +150,7 @@ class SpadeForSequenceClassification(PretrainedMixin, nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (batch, length) -> logits (batch, num_labels); loss if labels (batch,)."""
-        padding_mask = self.backbone.padding_mask_for(input_ids, padding_mask)
+        padding_mask = _padding_mask(self.config, input_ids, padding_mask)
         hidden = self.backbone(input_ids, padding_mask=padding_mask)
         logits = self.classifier(pool(hidden, padding_mask, self.config.pooling))
         loss = None if labels is None else F.cross_entropy(logits.float(), labels.long())
@@ -160,7 +170,7 @@ class SpadeForRetrieval(PretrainedMixin, nn.Module):
     def encode(self, input_ids: torch.Tensor,
                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, length) -> pooled (batch, d_model)."""
-        padding_mask = self.backbone.padding_mask_for(input_ids, padding_mask)
+        padding_mask = _padding_mask(self.config, input_ids, padding_mask)
         return pool(self.backbone(input_ids, padding_mask=padding_mask), padding_mask,
                     self.config.pooling)
 

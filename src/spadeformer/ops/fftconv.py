@@ -88,7 +88,8 @@ class _ConstantKernelConv(torch.autograd.Function):
     same kernel, two real FFTs: grad_u = irfft(rfft(g, n) * conj(K), n)[..., :L]. No
     wrap-around: n >= L + Lk - 1, so lags that would wrap land on the kernel's zero padding.
     ``setup_context`` and the generated vmap rule let ``torch.func`` transforms (grad, vmap,
-    jacrev) go through it.
+    jacrev) go through it. No forward mode (jvp): a custom ``jvp`` would make torch.compile
+    break the graph here.
     """
 
     generate_vmap_rule = True
@@ -159,7 +160,14 @@ def fft_conv(
     Returns:
         (broadcast(batch, ...), L) in the dtype of ``u``.
     """
-    n = fast_fft_length(u.shape[-1] + k.shape[-1])
+    L = u.shape[-1]
+    if k_reverse is not None and k_reverse.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k_reverse must have the same length as k ({k.shape[-1]}), "
+                         f"got {k_reverse.shape[-1]}")
+    # lags >= L never reach an output: a longer kernel is cut (it would only cost FFT length)
+    k = k[..., :L]
+    k_reverse = None if k_reverse is None else k_reverse[..., :L]
+    n = fast_fft_length(L + k.shape[-1])
     return fft_conv_spectrum(u, kernel_spectrum(k, n, k_reverse), n, padding_mask)
 
 

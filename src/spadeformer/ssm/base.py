@@ -142,34 +142,56 @@ class FrozenCache:
     filters), keyed by what was computed; least recently used entries dropped beyond
     ``max_entries``.
 
-    An entry stays valid while the parameters it was computed from are the same tensor objects
-    (held by weak reference: the cache keeps nothing alive), at the same storage address, with
-    the same in-place version counter. So an optimiser step, ``load_state_dict`` (in place or
-    ``assign=True``), ``.to()`` and tensors swapped in by ``torch.func.functional_call`` all
-    make it stale. Values made under ``torch.inference_mode`` are inference tensors, which
-    autograd cannot save: they are kept apart from the others. Copies and pickles of a module
-    start with an empty cache (weak references cannot be pickled, and a copy has other
-    parameters anyway).
+    An entry stays valid while each parameter it was computed from still views the same
+    memory (the same storage object, held by weak reference so the cache keeps nothing alive,
+    at the same offset, shape, stride and dtype) with the same in-place version counter. So
+    ``load_state_dict`` (in place or ``assign=True``), ``.to()``, tensors swapped in by
+    ``torch.func.functional_call`` and in-place updates by autograd-tracked ops (the default
+    torch optimisers) all make it stale, while ``p.detach()`` views of the same parameters
+    still hit. Not seen: edits through ``p.data`` and optimisers that bypass version counters
+    (``fused=True``); clear the cache after those. Values made under ``torch.inference_mode``
+    are inference tensors, which autograd cannot save: they are kept apart from the others.
+    Parameters without a storage or a version counter (inference tensors, ``vmap``-batched
+    ones) are not cached at all. Copies and pickles of a module start with an empty cache.
     """
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, tuple[tuple, tuple, Any]] = OrderedDict()
 
+    @staticmethod
+    def _fingerprint(params: Sequence[torch.Tensor]) -> tuple[tuple, tuple] | None:
+        """(storages, layout stamps) of ``params``, or None when they cannot be tracked."""
+        try:
+            storages = tuple(p.untyped_storage() for p in params)
+            stamps = tuple((p.storage_offset(), tuple(p.shape), p.stride(), p.dtype,
+                            p._version) for p in params)
+        except (RuntimeError, NotImplementedError):  # inference / functorch-batched tensors
+            return None
+        return storages, stamps
+
+    # a cache lookup is Python bookkeeping: one clean break under torch.compile, not several
+    @torch.compiler.disable
     def get(self, what: tuple, params: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
         """The cached ``compute()`` for ``what`` and ``params``; computed (without autograd)
         when missing or stale."""
+        fingerprint = self._fingerprint(params)
+        if fingerprint is None:
+            with torch.no_grad():
+                return compute()
+        storages, stamps = fingerprint
         key = (what, torch.is_inference_mode_enabled())
-        stamps = tuple((p.data_ptr(), p._version) for p in params)
         entry = self._entries.get(key)
         if entry is not None:
             refs, old_stamps, value = entry
-            if old_stamps == stamps and all(r() is p for r, p in zip(refs, params, strict=True)):
+            if old_stamps == stamps and all(
+                r() is st for r, st in zip(refs, storages, strict=True)
+            ):
                 self._entries.move_to_end(key)
                 return value
         with torch.no_grad():
             value = compute()
-        self._entries[key] = (tuple(weakref.ref(p) for p in params), stamps, value)
+        self._entries[key] = (tuple(weakref.ref(st) for st in storages), stamps, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

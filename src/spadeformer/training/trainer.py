@@ -254,6 +254,7 @@ class Trainer:
         self.position = 0  # training examples consumed (global, all ranks)
         self.best_val_loss = math.inf
         self._window = _Window()
+        self._window_at_pause: dict[str, float] = self._window.sums()  # what _save stores
         self._print_lines = False  # fit() decides: log lines on stderr when it is no terminal
         state = self._load_for_resume() if resume else None
         if not resume and self.ckpt.pointer("last") is not None:
@@ -442,7 +443,7 @@ class Trainer:
                 "data": {"position": self.position, "seed": self.config.seed,
                          "num_items": len(self.train_data)},
                 "best_val_loss": self.best_val_loss,
-                "train_window": self._window.sums(),
+                "train_window": self._window_at_pause,
                 "world_size": self.dist.world_size,
                 "config": self.config.to_dict(),
             }
@@ -458,6 +459,7 @@ class Trainer:
         self._print_lines = cfg.progress and self.dist.is_main and not show
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="train",
                    dynamic_ncols=True)
+        self._window.t0 = time.perf_counter()  # what ran before fit() is no training time
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
@@ -478,7 +480,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     self._window = _Window()
                 # validation and checkpoints are not training time: keep them out of tokens/s
+                # (and out of the window a checkpoint stores)
                 paused = time.perf_counter()
+                self._window_at_pause = self._window.sums()
                 tags: list[str] = []
                 info: dict[str, Any] = {}
                 if self.val_data is not None and (
