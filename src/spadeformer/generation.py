@@ -40,9 +40,11 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
         try:  # ints, numpy integers: anything usable as an index
             if isinstance(seed, bool):
                 raise TypeError
-            operator.index(seed)
+            value = operator.index(seed)
         except TypeError:
-            raise ValueError(f"seed must be None or an integer, got {seed!r}") from None
+            value = None
+        if value is None or not -(2**63) <= value < 2**64:  # what torch.Generator takes
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,

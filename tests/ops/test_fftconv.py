@@ -143,3 +143,8 @@ def test_torch_func_grad_and_vmap_through_the_constant_kernel_path(bidirectional
     v = torch.func.vmap(lambda x: fft_conv(x, k, k_rev))(u.unsqueeze(1))
     torch.testing.assert_close(v.squeeze(1), fft_conv_ref(u, k, k_rev), rtol=1e-9, atol=1e-9)
 
+
+
+def test_empty_input_gives_an_empty_output():
+    for k_rev in (None, torch.randn(3, 5)):
+        assert fft_conv(torch.randn(2, 3, 0), torch.randn(3, 5), k_rev).shape == (2, 3, 0)

@@ -66,3 +66,27 @@ def test_least_recently_used_entries_go_and_copies_start_empty():
     cache.get(("b",), [p], lambda: seen.append("b"))
     assert seen == ["b"] and len(cache) == 2
     assert len(copy.deepcopy(cache)) == 0 and len(pickle.loads(pickle.dumps(cache))) == 0
+
+
+def test_misses_when_the_storage_is_reallocated_in_place():
+    p = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    cache = FrozenCache(4)
+    get, calls = counting(cache, [p])
+    get()
+    storage = p.untyped_storage()
+    nbytes = storage.nbytes()
+    storage.resize_(0)  # as FSDP frees a parameter ...
+    storage.resize_(nbytes)  # ... and gathers it again: same objects, new memory
+    get()
+    assert len(calls) == 2
+
+
+def test_hyena_filters_follow_the_decay_buffer():
+    from spadeformer.ssm import Hyena
+
+    m = Hyena(4, trainable=False).eval()
+    x = torch.randn(1, 12, 4)
+    y = m(x)
+    swapped = torch.func.functional_call(m, {"decay_rates": 2 * m.decay_rates}, (x,))
+    assert not torch.allclose(swapped, y)
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)

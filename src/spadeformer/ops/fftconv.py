@@ -167,7 +167,7 @@ def fft_conv(
     # lags >= L never reach an output: a longer kernel is cut (it would only cost FFT length)
     k = k[..., :L]
     k_reverse = None if k_reverse is None else k_reverse[..., :L]
-    n = fast_fft_length(L + k.shape[-1])
+    n = fast_fft_length(max(1, L + k.shape[-1]))  # max: an empty input gives an empty output
     return fft_conv_spectrum(u, kernel_spectrum(k, n, k_reverse), n, padding_mask)
 
 

@@ -152,7 +152,10 @@ class FrozenCache:
     (``fused=True``); clear the cache after those. Values made under ``torch.inference_mode``
     are inference tensors, which autograd cannot save: they are kept apart from the others.
     Parameters without a storage or a version counter (inference tensors, ``vmap``-batched
-    ones) are not cached at all. Copies and pickles of a module start with an empty cache.
+    ones) and tensor subclasses (DTensor shards) are not cached at all. Copies and pickles of a
+    module start with an empty cache. (Under ``torch.compile`` the lookup is a few graph
+    breaks; the model is not compiled as a whole here, and ``torch.compiler.disable`` would
+    import torch._dynamo with spadeformer, doubling its import time.)
     """
 
     def __init__(self, max_entries: int):
@@ -162,16 +165,17 @@ class FrozenCache:
     @staticmethod
     def _fingerprint(params: Sequence[torch.Tensor]) -> tuple[tuple, tuple] | None:
         """(storages, layout stamps) of ``params``, or None when they cannot be tracked."""
+        if any(type(p) not in (torch.Tensor, nn.Parameter) for p in params):
+            return None  # subclasses (DTensor shards ...) may change behind their storage
         try:
             storages = tuple(p.untyped_storage() for p in params)
-            stamps = tuple((p.storage_offset(), tuple(p.shape), p.stride(), p.dtype,
-                            p._version) for p in params)
+            # data_ptr: a storage resized in place (as FSDP does) keeps its object
+            stamps = tuple((p.data_ptr(), p.storage_offset(), tuple(p.shape), p.stride(),
+                            p.dtype, p._version) for p in params)
         except (RuntimeError, NotImplementedError):  # inference / functorch-batched tensors
             return None
         return storages, stamps
 
-    # a cache lookup is Python bookkeeping: one clean break under torch.compile, not several
-    @torch.compiler.disable
     def get(self, what: tuple, params: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
         """The cached ``compute()`` for ``what`` and ``params``; computed (without autograd)
         when missing or stale."""

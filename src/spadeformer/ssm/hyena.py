@@ -200,7 +200,7 @@ class Hyena(GlobalExtractor):
         """
         check_positive("length", length)
         self._check_length(length)
-        params = list(self.filter_mlp.parameters())
+        params = [*self.filter_mlp.parameters(), self.decay_rates]  # what the filters read
 
         def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
             h = self._filters_at(torch.arange(length, device=params[0].device))

@@ -502,6 +502,8 @@ class Trainer:
                 self._window.t0 += time.perf_counter() - paused
         finally:
             bar.close()
+            # stop the window's clock: a later fit() (after an interruption) starts it again
+            self._window.elapsed, self._window.t0 = self._window.seconds(), time.perf_counter()
         out: dict[str, Any] = {"step": self.step, "best_val_loss": self.best_val_loss}
         for split, rec in self.last_metrics.items():
             out.update({f"{split}_{k}": v for k, v in rec.items() if k not in ("step", "split")})
