@@ -107,7 +107,7 @@ def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):
     assert main([*args, "model.window_size=4"]) == 2
     assert main(["train", "--resume", *args[1:], "model.window_size=4"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a checkpoint" in err
+    assert "already holds a run (step 10): add --resume" in err
     assert "changes model.window_size (8 -> 4)" in err and "drop the model.* overrides" in err
     assert (run / "run_config.yaml").read_text() == saved
     # without --config the run's own settings are the start; train.* (and data.*) may change
@@ -116,6 +116,22 @@ def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):
                      "data.include_tests=false"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 12
     assert "window_size: 8" in (run / "run_config.yaml").read_text()
+
+
+def test_run_dir_errors_speak_the_command_line(tmp_path, corpus_root, capsys):
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run to resume (no checkpoint); drop --resume" in err
+    assert "model:" not in err  # refused before a model is built
+    assert main(["train", "--out", str(tmp_path / "r"), *TINY, "train.steps=2",
+                 "train.warmup_steps=5"]) == 2
+    assert "in the train section (train.*): warmup_steps" in capsys.readouterr().err
+    run = tmp_path / "done"
+    assert main(["train", "--out", str(run), f"data.root={corpus_root}", *TINY,
+                 "train.steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "already at step 2 of train.steps=2: nothing to train" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, match", [

@@ -51,7 +51,10 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     train_section = dict(cfg["train"])
     train_section.setdefault("task", task.objective)
     train_section.setdefault("lm_metric", task.lm_metric)
-    train_config = TrainConfig.from_dict(train_section)
+    try:
+        train_config = TrainConfig.from_dict(train_section)
+    except ValueError as err:  # its messages name fields; on the command line they are train.*
+        raise ValueError(f"in the train section (train.*): {err}") from err
     if saved is not None:
         _check_same_run(out, saved, model_config.to_dict(), cfg["data"], config is not None)
 
@@ -63,6 +66,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         out = str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir = Path(out)
     main_process = _is_rank_zero()  # under torchrun only rank 0 writes
+    _check_run_dir(out_dir, resume)  # before a model is built: the Trainer would say resume=True
 
     seed_everything(train_config.seed)  # the initial weights follow train.seed too
     model = task.model_cls()(model_config)
@@ -77,6 +81,9 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
                     "train": train_config.to_dict(), "task": task.name}
         text = yaml.safe_dump(resolved, sort_keys=False)
         atomic_write(out_dir / RUN_CONFIG, lambda tmp: Path(tmp).write_text(text))
+    if resume and trainer.step >= train_config.steps and main_process:
+        _say(f"the run is already at step {trainer.step} of train.steps={train_config.steps}: "
+             f"nothing to train; pass train.steps=N (N > {trainer.step}) to train it further")
     metrics = trainer.fit()
     if trainer.dist.is_main:
         # The run's model = the best validation checkpoint (the last one if never validated).
@@ -85,6 +92,19 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         model.save_pretrained(out_dir / MODEL_DIR)
         _plot_curves(out_dir)
     return metrics
+
+
+def _check_run_dir(out_dir: Path, resume: bool) -> None:
+    """A fresh run needs a run dir without checkpoints; --resume one with them."""
+    from spadeformer.training.checkpoint import CheckpointManager
+
+    last = CheckpointManager(out_dir / "checkpoints").pointer("last")
+    if resume and last is None:
+        raise FileNotFoundError(f"--out {str(out_dir)!r} holds no run to resume (no checkpoint); "
+                                "drop --resume to start one there")
+    if not resume and last is not None:
+        raise FileExistsError(f"--out {str(out_dir)!r} already holds a run (step {last['step']}): "
+                              "add --resume to continue it, or choose another --out")
 
 
 def _saved_run_config(out: str) -> dict[str, Any] | None:
@@ -208,8 +228,9 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
 # ----------------------------------------------------------------------------- generate
 def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0,
-                  stream=None) -> str:
-    """Continue ``prompt`` byte by byte, writing each byte to ``stream`` as it is produced."""
+                  stream=None, echo_prompt: bool = False) -> str:
+    """Continue ``prompt`` byte by byte, writing each byte to ``stream`` as it is produced
+    (after the prompt itself with ``echo_prompt``, once the run and prompt are checked)."""
     import torch
 
     from spadeformer.generation import generate
@@ -227,6 +248,8 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
         raise ValueError("prompt must not be empty")
     out = bytearray()
     decoder = _Utf8Stream(stream)
+    if echo_prompt and stream is not None:
+        stream.write(prompt)
 
     def on_token(ids):
         out.append(int(ids[0]))
@@ -328,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size),
                              indent=2))
         elif args.command == "generate":
-            sys.stdout.write(args.prompt)
             generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed, stream=sys.stdout)
+                          args.top_k, args.top_p, args.seed, stream=sys.stdout, echo_prompt=True)
         else:
             return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as err:

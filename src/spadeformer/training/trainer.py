@@ -238,7 +238,8 @@ class Trainer:
         self.device = self.dist.device
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise ValueError(f"precision='bf16' needs a CUDA device (bf16 autocast is CUDA-only "
-                             f"here), got device={str(self.device)!r}; use precision='fp32'")
+                             f"here), got device={str(self.device)!r}; use precision='fp32' "
+                             "(train.precision=fp32 on the command line)")
         per_update = cfg.batch_size // cfg.grad_accum
         if per_update % self.dist.world_size:
             raise ValueError(
