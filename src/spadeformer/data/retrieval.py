@@ -11,7 +11,10 @@ one pair per line, five tab-separated fields and no header (a first line startin
 
 where each text is a Python bytes literal such as ``b'Abstract ...'`` (the release wrote
 ``str(bytes)``). Texts are parsed with :func:`ast.literal_eval` (never ``eval``) and must yield
-``bytes``; a field that is not a bytes literal is taken as plain UTF-8 text. Each document is
+``bytes``; a field that is not a bytes literal is taken as plain UTF-8 text. (LRA's own
+pipeline byte-encoded the field as written, ``b'`` prefix and backslash escapes included; the
+decoded bytes here are the document's text, so byte counts and ids differ slightly from
+LRA's.) Each document is
 truncated to ``max_length`` bytes (LRA: 4000, i.e. 8000 for the pair) and byte b -> id b + 1
 (0 = padding, vocabulary 257). Documents recur across pairs, so each distinct truncated text is
 stored once.
