@@ -77,7 +77,8 @@ def test_resume_refuses_and_continues(tmp_path, corpus_root, capsys):
     assert main([*args, "train.steps=10"]) == 0
     assert main(args) == 2  # a second fresh start into the same run dir is refused
     assert "resume" in capsys.readouterr().err
-    assert main([*args, "--resume"]) == 0
+    with pytest.warns(UserWarning, match=r"changed settings \['steps'\]"):
+        assert main([*args, "--resume"]) == 0
     assert json.loads(capsys.readouterr().out)["step"] == 20
 
 
@@ -111,9 +112,12 @@ def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):
     assert "changes model.window_size (8 -> 4)" in err and "drop the model.* overrides" in err
     assert (run / "run_config.yaml").read_text() == saved
     # without --config the run's own settings are the start; train.* (and data.*) may change
-    with pytest.warns(UserWarning, match=r"changed data settings \['data.include_tests"):
+    with pytest.warns(UserWarning) as record:
         assert main(["train", "--out", str(run), "--resume", "train.steps=12",
                      "data.include_tests=false"]) == 0
+    said = " | ".join(str(w.message) for w in record)
+    assert "changed data settings ['data.include_tests" in said
+    assert "changed settings ['steps']" in said
     assert json.loads(capsys.readouterr().out)["step"] == 12
     assert "window_size: 8" in (run / "run_config.yaml").read_text()
 
