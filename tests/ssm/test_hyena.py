@@ -206,12 +206,14 @@ def test_frozen_has_no_trainable_parameters_and_caches_filters(monkeypatch):
     torch.testing.assert_close(m(x), other(x), atol=1e-6, rtol=1e-5)
 
 
-def test_lr_marks_only_implicit_filter_parameters():
+def test_only_implicit_filter_parameters_get_the_ssm_hint():
     m = small(lr=1e-3)
     marked = {n for n, p in m.named_parameters() if hasattr(p, "_optim")}
     assert marked == {n for n, _ in m.named_parameters() if n.startswith("filter_mlp.")}
     assert all(p._optim == {"lr": 1e-3, "weight_decay": 0.0} for p in m.filter_mlp.parameters())
-    assert not any(hasattr(p, "_optim") for p in small().parameters())
+    # without lr: no weight decay still (the reference filter's wd=0), the optimiser's ssm_lr
+    assert all(p._optim == {"lr": None, "weight_decay": 0.0}
+               for p in small().filter_mlp.parameters())
 
 
 def test_runs_fp32_under_autocast_and_keeps_input_dtype():

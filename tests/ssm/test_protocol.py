@@ -231,3 +231,18 @@ def test_frozen_module_built_under_inference_mode(kind):
         m = make(kind, bidirectional=False, trainable=False).eval()
         y1, y2 = m(x), m(x)
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["s4", "s4d", "s5", "hyena"])
+def test_optimiser_hints_survive_deepcopy(kind):
+    import copy
+
+    from spadeformer.training.optim import param_groups
+
+    def ssm_group(module):
+        groups = {g["name"]: g for g in param_groups(module, 1e-2, 0.1, ssm_lr=1e-3)}
+        return groups["ssm"]["lr"], groups["ssm"]["weight_decay"], len(groups["ssm"]["params"])
+
+    m = make(kind, bidirectional=False)
+    assert ssm_group(copy.deepcopy(m)) == ssm_group(m)
+    assert ssm_group(m)[:2] == (1e-3, 0.0)

@@ -38,6 +38,7 @@ __all__ = [
     "check_state",
     "check_state_size",
     "fp32_region",
+    "mark_ssm_params",
 ]
 
 
@@ -125,6 +126,20 @@ def check_padding_mask(padding_mask: Any, batch: int, length: int) -> None:
             f"padding_mask must have shape (batch, length) = ({batch}, {length}), "
             f"got {tuple(padding_mask.shape)}"
         )
+
+
+def mark_ssm_params(module: nn.Module, names: Sequence[str], lr: float | None) -> None:
+    """Optimiser hint for the parameters ``names`` (dotted paths below ``module``): their own
+    learning rate (None = the optimiser's ``ssm_lr``, else its lr) and no weight decay, as the
+    official S4 code does. Kept as ``param._optim`` and in the owning module's
+    ``_optim_hints`` (which survives ``copy.deepcopy``, unlike attributes of a Parameter);
+    :func:`spadeformer.training.optim.param_groups` reads both."""
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        getattr(owner, leaf)._optim = {"lr": lr, "weight_decay": 0.0}
+        table = owner.__dict__.setdefault("_optim_hints", {})
+        table[leaf] = {"lr": lr, "weight_decay": 0.0}
 
 
 def fp32_region(device_type: str) -> contextlib.AbstractContextManager:

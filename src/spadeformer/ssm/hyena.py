@@ -55,6 +55,7 @@ from spadeformer.ssm.base import (
     check_dropout,
     check_lr,
     check_positive,
+    mark_ssm_params,
 )
 
 __all__ = ["Hyena", "hyena_positional_features", "DEFAULT_TIME_SCALE"]
@@ -111,9 +112,10 @@ class Hyena(GlobalExtractor):
         bidirectional: centred short conv and a second (anti-causal) long filter.
         trainable: False freezes every parameter; the filters are then cached per length.
         dropout: dropout on the gated value before each long convolution.
-        lr: if given, every implicit-filter MLP parameter gets ``_optim = {"lr": lr,
-            "weight_decay": 0.0}`` (the reference's per-parameter hint); None leaves them
-            unmarked, so the optimiser's normal weight-decay rules apply.
+        lr: learning rate of the implicit-filter MLP; its parameters get the SSM hint
+            ``{"lr": lr, "weight_decay": 0.0}`` (no weight decay, as the reference filter;
+            lr None = the optimiser's ``ssm_lr``, else its lr), see
+            :func:`~spadeformer.ssm.base.mark_ssm_params`.
         time_scale: T, the time unit of the positional features and decay (None = max_length
             if given, else ``DEFAULT_TIME_SCALE``).
     """
@@ -174,9 +176,10 @@ class Hyena(GlobalExtractor):
         self.register_buffer(
             "decay_rates", torch.linspace(min_rate, max_rate, d_model), persistent=False
         )
-        if lr is not None:
-            for p in self.filter_mlp.parameters():
-                p._optim = {"lr": lr, "weight_decay": 0.0}
+        # the implicit filter trains like an SSM's A, B, dt: no weight decay (the reference
+        # filter's wd=0), its own lr if given, else the optimiser's ssm_lr
+        mark_ssm_params(self, [f"filter_mlp.{n}" for n, _ in self.filter_mlp.named_parameters()],
+                        lr)
         self._filter_cache = FrozenCache(_MAX_CACHED_LENGTHS)
         self.freeze_if_requested()
 

@@ -51,6 +51,7 @@ from spadeformer.ssm.base import (
     check_positive,
     check_state,
     check_state_size,
+    mark_ssm_params,
 )
 
 __all__ = ["S4"]
@@ -156,12 +157,7 @@ class S4(GlobalExtractor):
             self.dropout = nn.Dropout(dropout)
             self.output_linear = nn.Linear(channels * H, H)
 
-        hint = {"lr": lr, "weight_decay": 0.0}
-        for name in _HINTED:
-            getattr(self, name)._optim = dict(hint)
-        # Module-level copy of the hints: Parameter.__deepcopy__ drops attributes such as
-        # `_optim`, a module's __dict__ survives deepcopy (param_groups reads both).
-        self._optim_hints = {name: dict(hint) for name in _HINTED}
+        mark_ssm_params(self, _HINTED, lr)
         # kernels and spectra of kernel_cache_size lengths, plus the recurrent matrices
         self._cache = FrozenCache(2 * self.kernel_cache_size + 1)
         self.freeze_if_requested()

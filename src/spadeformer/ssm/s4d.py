@@ -61,6 +61,7 @@ from spadeformer.ssm.base import (
     check_positive,
     check_state,
     check_state_size,
+    mark_ssm_params,
 )
 
 __all__ = ["S4D"]
@@ -79,11 +80,6 @@ def with_conjugates(C: torch.Tensor, C_reverse: torch.Tensor | None) -> torch.Te
     Cs = [torch.view_as_complex(c) for c in (C, C_reverse) if c is not None]
     Cs = [torch.cat([c, c.conj()], dim=-1) for c in Cs]
     return torch.stack(Cs) if C_reverse is not None else Cs[0]
-
-
-def mark_ssm_param(param: nn.Parameter, lr: float | None) -> None:
-    """Optimiser hint read by the training code: own lr (None = the global SSM lr), no decay."""
-    param._optim = {"lr": lr, "weight_decay": 0.0}
 
 
 def log_uniform_dt(n: int, dt_min: float, dt_max: float) -> torch.Tensor:
@@ -155,8 +151,7 @@ class S4D(GlobalExtractor):
             )
         self.D = nn.Parameter(torch.randn(channels, H))
         self.log_dt = nn.Parameter(log_uniform_dt(H, dt_min, dt_max).float())
-        for p in (self.log_A_real, self.A_imag, self.B, self.log_dt):
-            mark_ssm_param(p, lr)
+        mark_ssm_params(self, ("log_A_real", "A_imag", "B", "log_dt"), lr)
 
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)

@@ -51,8 +51,9 @@ from spadeformer.ssm.base import (
     check_lr,
     check_positive,
     check_state,
+    mark_ssm_params,
 )
-from spadeformer.ssm.s4d import log_uniform_dt, mark_ssm_param, with_conjugates
+from spadeformer.ssm.s4d import log_uniform_dt, with_conjugates
 
 __all__ = ["S5", "hippo_n_init"]
 
@@ -123,8 +124,7 @@ class S5(GlobalExtractor):
             self.C_reverse = nn.Parameter(self._init_C(V))
         self.D = nn.Parameter(torch.randn(H))
         self.log_dt = nn.Parameter(log_uniform_dt(p2, dt_min, dt_max).float())
-        for p in (self.log_Lambda_real, self.Lambda_imag, self.B, self.log_dt):
-            mark_ssm_param(p, lr)
+        mark_ssm_params(self, ("log_Lambda_real", "Lambda_imag", "B", "log_dt"), lr)
 
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
