@@ -77,6 +77,7 @@ def test_lra_presets_hold_table10(name):
     bs, lr, wd, dropout, chunk, length = TABLE10[name]
     t, m = cfg["train"], cfg["model"]
     assert (t["batch_size"], t["lr"], t["weight_decay"], t["clip_norm"]) == (bs, lr, wd, 1.0)
+    assert t["ssm_lr"] == 1e-3  # our choice, after S4's LRA configs
     assert t["schedule"] == "linear" and 0 < t["warmup_steps"] < t["steps"]
     assert (m["preset"], m["size"], m["causal"]) == ("spade-s4-chunk", "lra", False)
     assert (m["dropout"], m["chunk_size"]) == (dropout, chunk)

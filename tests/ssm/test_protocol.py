@@ -246,3 +246,13 @@ def test_optimiser_hints_survive_deepcopy(kind):
     m = make(kind, bidirectional=False)
     assert ssm_group(copy.deepcopy(m)) == ssm_group(m)
     assert ssm_group(m)[:2] == (1e-3, 0.0)
+
+
+def test_mark_ssm_params_refuses_what_is_not_a_parameter():
+    from spadeformer.ssm.base import mark_ssm_params
+
+    m = make("s4", bidirectional=False)
+    with pytest.raises(TypeError, match="sequence of parameter names"):
+        mark_ssm_params(m, "log_dt", None)
+    with pytest.raises(ValueError, match="'hippo_V' is not a parameter of this S4"):
+        mark_ssm_params(m, ["hippo_V"], None)  # a buffer

@@ -157,6 +157,15 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, data, log_ev
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
 
 
+def test_resume_refuses_other_parameter_groups(tmp_path, data):
+    train, val = data
+    Trainer(TinyLM(), train, val, cfg(steps=2, save_every=2), tmp_path).fit()
+    other = TinyLM()
+    next(p for p in other.parameters() if p.ndim >= 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="parameter groups of sizes .* cannot be resumed"):
+        Trainer(other, train, val, cfg(steps=2, save_every=2), tmp_path, resume=True)
+
+
 def test_resume_applies_changed_optimiser_settings(tmp_path, data):
     train, val = data
     Trainer(TinyLM(), train, val, cfg(steps=4, save_every=4, weight_decay=0.01), tmp_path).fit()

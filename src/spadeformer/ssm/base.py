@@ -134,9 +134,13 @@ def mark_ssm_params(module: nn.Module, names: Sequence[str], lr: float | None) -
     official S4 code does. Kept as ``param._optim`` and in the owning module's
     ``_optim_hints`` (which survives ``copy.deepcopy``, unlike attributes of a Parameter);
     :func:`spadeformer.training.optim.param_groups` reads both."""
+    if isinstance(names, str):
+        raise TypeError(f"names must be a sequence of parameter names, got the string {names!r}")
     for name in names:
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
+        if not isinstance(owner._parameters.get(leaf), nn.Parameter):
+            raise ValueError(f"{name!r} is not a parameter of this {type(module).__name__}")
         getattr(owner, leaf)._optim = {"lr": lr, "weight_decay": 0.0}
         table = owner.__dict__.setdefault("_optim_hints", {})
         table[leaf] = {"lr": lr, "weight_decay": 0.0}

@@ -310,6 +310,14 @@ class Trainer:
         # _load_for_resume names them). Unchanged settings give back the same numbers.
         fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas")}
                  for g in self.optimizer.param_groups]
+        saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+        now = [len(g["params"]) for g in self.optimizer.param_groups]
+        if saved != now:
+            raise ValueError(
+                f"the checkpoint's optimiser has parameter groups of sizes {saved}, this model "
+                f"and config give {now} (another trainable set or other SSM hints, e.g. a "
+                "checkpoint of an older spadeformer, whose Hyena filter had no SSM hint): it "
+                "cannot be resumed; start a new run from its weights instead")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = [f["initial_lr"] for f in fresh]
