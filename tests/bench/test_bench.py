@@ -478,3 +478,20 @@ def test_interleave_times_alone_a_model_that_runs_out_of_memory_beside_the_other
     assert spade["median_s"] == 1.0 and "timed interleaved" in spade["note"]
     # page faults come from the timed steps, never from the memory cell's system-malloc steps
     assert (full["faults_per_step"], spade["faults_per_step"]) == (7, 3)
+
+
+def test_a_subprocess_peak_memory_is_its_own():
+    # Linux hands ru_maxrss across fork + exec: a cell subprocess must not start from the
+    # parent's peak (the CLI's matmul-peak measurement raised it before every cell)
+    import subprocess
+    import sys
+
+    from spadeformer.bench.machine import peak_rss_mb
+
+    big = torch.ones(256 * 2**20 // 4 * 4)  # 1 GiB, touched
+    parent = peak_rss_mb()
+    code = "from spadeformer.bench.machine import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout)
+    del big
+    assert parent > 1024 and child < parent - 512, (parent, child)

@@ -50,7 +50,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set of this process so far.
+
+    Linux: ``VmHWM`` of /proc/self/status, this process's own high-water mark. Not
+    ``ru_maxrss``: Linux carries it across fork + exec, so a fresh bench subprocess started
+    from a CLI that had just measured the matmul peak began at the CLI's peak (every cell's
+    baseline was the parent's 426 MB instead of its own ~306 MB). Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MB if sys.platform == "darwin" else peak / 1024.0
 
