@@ -408,6 +408,8 @@ def test_ratio_table_and_targets_from_rows():
     assert "| SPADE / window-only step time, L=2048 | 1.25x | <= 1.10x | no |" in targets
     assert "L=16384 | not measured" in targets
     assert "| 50% | >= 45% | yes |" in targets
+    short = spade_targets([_fake("spade-s4-window", 1024, 1.0, 100.0, 50.0)], peak_gflops=None)
+    assert "| SPADE / window-only step time, every L >= 2048 | not measured |" in short
 
 
 def test_rounds_pool_the_timed_steps_of_every_round():

@@ -107,7 +107,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--interleave", action="store_true",
                    help="time all models of a length together in one process, stepped in "
                         "turn (steadier ratios on a noisy machine); memory still comes from "
-                        "one step per cell in its own subprocess")
+                        "two steps per cell in its own subprocess")
     p.add_argument("--min-seconds", type=float, default=0.0,
                    help="with --interleave: step each model until its timed steps add up to "
                         "this many seconds (and at least --repeats): more samples where steps "

@@ -15,9 +15,10 @@ How the state at a context is reached (column ``state_mode``):
   (:func:`synthetic_state`; caches and SSM state filled with random numbers). Decoding cost does
   not depend on the numbers in the state, only on its shapes, so the latency and the memory are
   the same; this is used when stepping to the context would not fit the time budget (at d=512
-  a CPU step takes ~10 ms, so 64k tokens take over ten minutes; a full-attention cache copied
-  at every step makes reaching long contexts quadratic). ``--state auto`` (default) steps while
-  the projected time fits ``max_seconds`` and switches to synthetic for the rest.
+  a CPU step takes ~10 ms, so 64k tokens take over ten minutes, and full attention's cost per
+  step grows with the context, which makes reaching long contexts quadratic). ``--state
+  auto`` (default) steps while the projected time fits ``max_seconds`` and switches to
+  synthetic for the rest.
 
 Memory: ``state_mb`` is the exact size of the decoding state's tensors; ``rss_mb`` the
 process's resident set minus the same before the model was built (CUDA: allocated memory).
