@@ -203,7 +203,8 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
     ``data.eval_seq_len`` (= seq_len, 3072) tokens with a context window of ``data.context``
     (400), ``loss`` in nats per word, and ``unigram_ppl``. There ``batch_size`` counts windows
     (default 1: each window's full-vocabulary log-probabilities are held at once) and
-    ``max_batches`` limits the windows scored.
+    ``max_batches`` limits the windows scored. The baseline (``unigram_*``, majority / chance
+    accuracy) is always the whole split's, also when ``max_batches`` scores only part of it.
     """
     from spadeformer.training.distributed import resolve_device
     from spadeformer.training.trainer import evaluate_model
