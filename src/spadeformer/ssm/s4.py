@@ -76,7 +76,7 @@ class S4(GlobalExtractor):
             constant: it and its FFT are computed once per (length, device, dtype) and
             cached (up to ``kernel_cache_size`` lengths, least recently used dropped), and the
             convolution's backward then needs no kernel gradient (two real FFTs). Entries
-            follow the parameters' identity, storage and version counters
+            follow the parameters' storage, layout and version counters
             (:class:`~spadeformer.ssm.base.FrozenCache`), so ``load_state_dict`` and
             ``torch.func.functional_call`` do not see a stale kernel; ``.to()``, ``.double()``
             etc. clear it. Edits through ``param.data`` are invisible to the version

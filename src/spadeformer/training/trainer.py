@@ -255,7 +255,6 @@ class Trainer:
         self.position = 0  # training examples consumed (global, all ranks)
         self.best_val_loss = math.inf
         self._window = _Window()
-        self._window_at_pause: dict[str, float] = self._window.sums()  # what _save stores
         self._print_lines = False  # fit() decides: log lines on stderr when it is no terminal
         state = self._load_for_resume() if resume else None
         if not resume and self.ckpt.pointer("last") is not None:
@@ -441,7 +440,8 @@ class Trainer:
             print(f"step {record['step']}/{self.config.steps} {record['split']}: {shown}",
                   file=sys.stderr, flush=True)
 
-    def _save(self, tags: list[str], info: dict[str, Any] | None = None) -> None:
+    def _save(self, tags: list[str], info: dict[str, Any], window: dict[str, float]) -> None:
+        """Checkpoint ``tags``; ``window`` = the log window's sums to resume with."""
         # Every rank contributes its RNG state (a collective), rank 0 writes.
         rngs = D.all_gather_objects(capture_rng_state())
         if self.dist.is_main:
@@ -452,7 +452,7 @@ class Trainer:
                 "data": {"position": self.position, "seed": self.config.seed,
                          "num_items": len(self.train_data)},
                 "best_val_loss": self.best_val_loss,
-                "train_window": self._window_at_pause,
+                "train_window": window,
                 "world_size": self.dist.world_size,
                 "config": self.config.to_dict(),
             }
@@ -491,7 +491,7 @@ class Trainer:
                 # validation and checkpoints are not training time: keep them out of tokens/s
                 # (and out of the window a checkpoint stores)
                 paused = time.perf_counter()
-                self._window_at_pause = self._window.sums()
+                window_sums = self._window.sums()
                 tags: list[str] = []
                 info: dict[str, Any] = {}
                 if self.val_data is not None and (
@@ -507,7 +507,7 @@ class Trainer:
                 if final or (cfg.save_every and step % cfg.save_every == 0):
                     tags.append("last")
                 if tags:
-                    self._save(tags, info)
+                    self._save(tags, info, window_sums)
                 self._window.t0 += time.perf_counter() - paused
         finally:
             bar.close()
