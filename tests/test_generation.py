@@ -154,3 +154,53 @@ def test_bidirectional_model_cannot_stream():
 
     with pytest.raises(RuntimeError, match="causal"):
         SpadeModel(cfg).initial_state(1)
+
+
+def test_generate_steps_each_token_but_the_last():
+    model = tiny_lm()
+    calls = []
+    real_step = model.step
+
+    def counting_step(ids, state):
+        calls.append(int(ids[0]))
+        return real_step(ids, state)
+
+    model.step = counting_step
+    out = generate(model, torch.tensor([[1, 2, 3]]), 4, temperature=0)
+    assert out.shape == (1, 7)
+    assert calls == out[0, :6].tolist()  # the prompt and the first three new tokens
+
+
+def test_learned_positions_fill_max_position_and_refuse_beyond_up_front():
+    model = tiny_lm("transformer-window", position="learned", max_position=8)
+    out = model.generate(torch.tensor([[1, 2, 3]]), 6, temperature=0)  # 8 steps, 9 tokens
+    assert out.shape == (1, 9)
+    streamed = []
+    with pytest.raises(ValueError, match="needs 9 decoding steps.*at most 8"):
+        model.generate(torch.tensor([[1, 2, 3]]), 7, temperature=0,
+                       on_token=lambda t: streamed.append(t))
+    assert streamed == []  # refused before the first token
+
+
+def test_sampling_helpers_check_their_arguments():
+    from spadeformer.generation import sample_next
+
+    logits = torch.randn(2, 10)
+    for kwargs, message in [({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
+                            ({"temperature": -1.0}, "temperature")]:
+        with pytest.raises(ValueError, match=message):
+            sample_next(logits, **kwargs)
+    with pytest.raises(ValueError, match="top_p"):
+        filter_logits(logits, top_p=0.0)
+    np = pytest.importorskip("numpy")
+    assert filter_logits(logits, top_k=np.int64(3)).isfinite().sum(-1).tolist() == [3, 3]
+    out = generate(tiny_lm(), torch.tensor([[1, 2]]), np.int64(2), top_k=np.int32(5), seed=0)
+    assert out.shape == (1, 4)
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    from spadeformer.generation import sample_next
+
+    logits = torch.randn(3, 10)
+    ids = sample_next(logits, temperature=1e-39, generator=torch.Generator().manual_seed(0))
+    assert ids.tolist() == logits.argmax(-1).tolist()

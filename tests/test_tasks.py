@@ -121,6 +121,21 @@ def test_every_source_has_its_options_listed():
         load_run_config(None, ["data.name=listops", "data.max_lenght=10"])
 
 
+def test_bad_yaml_and_non_mapping_sections_are_clear_errors(tmp_path):
+    for text, match in [("data: stdlib\n", "section 'data' must be a mapping"),
+                        ("model: [s4]\n", "section 'model' must be a mapping"),
+                        ("train:\n  lr: [1e-3\n", "is not valid YAML")]:
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        with pytest.raises(RunConfigError, match=match):
+            load_run_config(path, ["train.steps=10"])
+    for override in ("model.global_layers=[0, 1", "train.lr=@1e-3", "data.root=*root"):
+        with pytest.raises(RunConfigError, match="the value is not valid YAML"):
+            load_run_config(None, [override])
+    with pytest.raises(RunConfigError, match="section 'train' must be a mapping"):
+        load_run_config(None, ["train.steps=10"], base={"train": 5})
+
+
 # --------------------------------------------------------------------- LRA sources
 def test_listops_items_collate_and_baseline(tmp_path):
     root = write_listops(tmp_path / "listops")

@@ -23,26 +23,38 @@ def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
-        max_new_tokens < 0
-    ):
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (numpy integers too, not bools)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(
             f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}"
         )
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    _check_filters(top_k, top_p)
+
+
+def _check_filters(top_k, top_p) -> None:
+    if top_k is not None and (_as_int(top_k) is None or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
+    n = _as_int(max_new_tokens)
+    if n is None or n < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    _check_sampling(temperature, top_k, top_p)
     if seed is not None:
-        try:  # ints, numpy integers: anything usable as an index
-            if isinstance(seed, bool):
-                raise TypeError
-            value = operator.index(seed)
-        except TypeError:
-            value = None
+        value = _as_int(seed)
         if value is None or not -(2**63) <= value < 2**64:  # what torch.Generator takes
             raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
 
@@ -51,10 +63,12 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the nucleus of mass top_p.
 
-    logits: (batch, vocab) -> (batch, vocab). The most likely token always survives.
+    logits: (batch, vocab) -> (batch, vocab). top_k >= 1, top_p in (0, 1]: the most likely
+    token always survives.
     """
+    _check_filters(top_k, top_p)
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        kth = torch.topk(logits, int(top_k), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -70,9 +84,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (batch, vocab) -> token ids (batch,). temperature 0 = greedy (argmax)."""
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = logits.float()
+    # shift the best logit to 0 first: a tiny temperature then gives -inf, never inf - inf
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+    logits = filter_logits(logits, top_k, top_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
@@ -83,13 +101,23 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     """Continue ``input_ids`` (batch, prompt_length >= 1) by ``max_new_tokens`` tokens.
 
     ``model`` needs ``initial_state(batch)`` and ``step(ids (batch,), state) -> (logits, state)``
-    (e.g. :class:`SpadeForCausalLM`). ``on_token`` is called with each new (batch,) id tensor as
-    soon as it is sampled (the CLI streams text this way). Returns (batch, prompt + new) ids.
+    (e.g. :class:`SpadeForCausalLM`); its optional ``max_steps`` (int or None) bounds the
+    decoding steps, checked before the first. ``on_token`` is called with each new (batch,)
+    id tensor as soon as it is sampled (the CLI streams text this way). Returns
+    (batch, prompt + new) ids.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p, seed)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"input_ids must have shape (batch, prompt_length >= 1), got {got}")
+    steps = input_ids.shape[1] + max(int(max_new_tokens) - 1, 0)  # the last token is not stepped
+    limit = getattr(model, "max_steps", None)
+    if limit is not None and steps > limit:
+        raise ValueError(
+            f"prompt length {input_ids.shape[1]} + max_new_tokens={max_new_tokens} needs "
+            f"{steps} decoding steps, but the model takes at most {limit} (learned positions: "
+            f"max_position={limit}); shorten the prompt or ask for fewer tokens"
+        )
     was_training = model.training
     model.eval()
     try:
@@ -102,12 +130,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         for t in range(input_ids.shape[1]):
             logits, state = model.step(input_ids[:, t], state)
         out = [input_ids]
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
             out.append(next_ids[:, None])
             if on_token is not None:
                 on_token(next_ids)
-            logits, state = model.step(next_ids, state)
+            if i + 1 < max_new_tokens:  # the last token's logits would never be used
+                logits, state = model.step(next_ids, state)
         return torch.cat(out, dim=1)
     finally:
         model.train(was_training)

@@ -95,8 +95,14 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
                              f"with section in {list(SECTIONS)}")
     if parts[0] not in SECTIONS:
         raise _unknown(parts[0], list(SECTIONS), f"override {override!r}")
-    value = _parse_value(raw)
+    try:
+        value = _parse_value(raw)
+    except yaml.YAMLError as err:
+        raise RunConfigError(f"override {override!r}: the value is not valid YAML "
+                             f"({_one_line(err)}); quote text, close brackets") from None
     node = cfg.setdefault(parts[0], {})
+    if not isinstance(node, dict):
+        raise RunConfigError(f"override {override!r}: section {parts[0]!r} is not a mapping")
     for part in parts[1:-1]:  # nested, e.g. model.ssm_options.d_state=32
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -113,6 +119,11 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."))
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """PyYAML's message in one line (problem and where)."""
+    return " ".join(str(err).split())
 
 
 def _parse_value(raw: str) -> Any:
@@ -133,13 +144,21 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (),
         p = Path(path)
         if not p.is_file():
             raise RunConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.load(p.read_text(), Loader=_Loader) or {}
+        try:
+            loaded = yaml.load(p.read_text(), Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise RunConfigError(f"{p} is not valid YAML: {_one_line(err)}") from None
         if not isinstance(loaded, dict):
             raise RunConfigError(f"{p} must hold a mapping with sections {list(SECTIONS)}")
         cfg = loaded
     for section in SECTIONS:
         if cfg.get(section) is None:  # absent, or an empty "data:" in the YAML
             cfg[section] = {}
+        elif not isinstance(cfg[section], dict):
+            raise RunConfigError(
+                f"section {section!r} must be a mapping of keys to values, got "
+                f"{cfg[section]!r} (e.g. '{section}:' then indented 'key: value' lines)"
+            )
     for override in overrides:
         apply_override(cfg, override)
     cfg["data"].setdefault("name", "stdlib")

@@ -128,6 +128,17 @@ def test_block_dataset_shapes_and_shift():
         BlockDataset(data, seq_len=0)
     with pytest.raises(ValueError, match="fewer than one block"):
         BlockDataset(data[:5], seq_len=10)
+    # integer data is taken as bytes only when every value is one (a cast would wrap 300 to 44)
+    wide = torch.arange(20, dtype=torch.int64)
+    assert BlockDataset(wide, seq_len=4)[1]["input_ids"].tolist() == [4, 5, 6, 7]
+    assert BlockDataset(wide.numpy().astype("uint16"), seq_len=4)[0]["labels"].tolist() == [
+        1, 2, 3, 4]
+    for bad, match in [(torch.tensor([300, 1, 2, 3, 4, 5]), r"0..255, got torch.int64 .*300\]"),
+                       (torch.tensor([-1, 1, 2, 3, 4, 5]), r"\[-1, 5\]"),
+                       (torch.rand(10), "integer byte values, got torch.float32"),
+                       (torch.rand(10).numpy(), "integer byte values, got a numpy float32")]:
+        with pytest.raises(ValueError, match=match):
+            BlockDataset(bad, seq_len=4)
 
 
 def test_sampler_is_a_function_of_seed_and_position():

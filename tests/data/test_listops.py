@@ -233,6 +233,12 @@ def test_loader_errors_name_the_problem(tmp_path):
     bad = write_fixture(tmp_path / "b.tsv", ["[MAX 1 2 ]\t12"])
     with pytest.raises(CorruptFileError, match=r"b.tsv:2: Target must be a digit 0-9, got '12'"):
         ListOpsDataset(bad)
+    for target in ("nan", "inf", "1e0", "-1", ""):
+        bad = write_fixture(tmp_path / "t.tsv", [f"[MAX 1 2 ]\t{target}"])
+        with pytest.raises(CorruptFileError, match=r"t.tsv:2: Target must be a digit 0-9"):
+            ListOpsDataset(bad)
+    ok = write_fixture(tmp_path / "ok.tsv", ["[MAX 1 2 ]\t2.0", "[MIN 3 4 ]\t 3 "])
+    assert ListOpsDataset(ok).labels.tolist() == [2, 3]  # pandas re-saved, stray spaces
     bad = write_fixture(tmp_path / "c.tsv", ["[MAX 1 2 ] 2"])
     with pytest.raises(CorruptFileError, match=r"c.tsv:2: expected 2 tab-separated fields"):
         ListOpsDataset(bad)

@@ -215,6 +215,10 @@ def test_loader_splits_partition_the_data(tmp_path):
     write_release(tmp_path, n=20)
     parts = [PathfinderDataset(tmp_path, split=s).paths for s in ("train", "val", "test")]
     assert [len(p) for p in parts] == [16, 2, 2]
+    few = tmp_path / "few"
+    write_release(few, n=5)  # 80 / 10 / 10 of 5 images: val rounds to none
+    with pytest.raises(ValueError, match=r"split='val' gets no image: 5 images"):
+        PathfinderDataset(few, split="val", size=32)
     assert sorted(sum(parts, [])) == sorted(PathfinderDataset(tmp_path).paths)
     with pytest.raises(ValueError, match="split must be one of"):
         PathfinderDataset(tmp_path, split="dev")

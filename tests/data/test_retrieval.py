@@ -93,6 +93,9 @@ def test_errors_name_missing_and_corrupt_files(tmp_path, aan):
     bad.write_text("2\ta\tb\tb'x'\tb'y'\n")
     with pytest.raises(CorruptFileError, match=r"bad.tsv:1: label must be 0 or 1, got '2'"):
         AANDataset(bad)
+    bad.write_text(line("1", "a", "b", b"x", b"y") + "\n" + line("0", "a", "c", b"x", b"") + "\n")
+    with pytest.raises(CorruptFileError, match=r"bad.tsv:2: text 2 of the pair is empty"):
+        AANDataset(bad)
     bad.write_text("1\ta\tb\tb'unterminated\tb'y'\n")
     with pytest.raises(CorruptFileError, match=r"bad.tsv:1: a text field is not a valid bytes"):
         AANDataset(bad)

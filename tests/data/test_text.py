@@ -62,6 +62,8 @@ def test_general_folder_per_class_layout_sorted_ids(tmp_path):
     assert got == {"a": 0, "m": 1, "z": 2}
     sub = ByteTextClassificationDataset(tmp_path / "data", split=None, classes=["zebra", "apple"])
     assert sub.classes == ["apple", "zebra"] and len(sub) == 2
+    write(tmp_path / "data" / ".ipynb_checkpoints" / "x.txt", "n")  # hidden: not a class
+    assert ByteTextClassificationDataset(tmp_path / "data", split=None).classes == ds.classes
 
 
 def test_collate_pads_documents(aclimdb):
@@ -88,3 +90,6 @@ def test_errors_name_missing_and_corrupt_files(tmp_path, aclimdb):
         imdb(aclimdb, "train")
     with pytest.raises(FileNotFoundError, match=r"train/missing does not exist"):
         ByteTextClassificationDataset(aclimdb, "train", classes=["neg", "missing"])
+    write(aclimdb / "train" / "neg" / "1_1.txt", b"")
+    with pytest.raises(CorruptFileError, match=r"1_1.txt: empty document \(0 bytes\)"):
+        imdb(aclimdb, "train")

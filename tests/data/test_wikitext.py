@@ -87,6 +87,28 @@ def test_encoding_adds_eos_per_line_and_maps_unknown_words(wiki, tmp_path):
     np.testing.assert_array_equal(again, first)
 
 
+def test_cache_follows_the_source_file_not_its_name(wiki, tmp_path):
+    import os
+
+    vocab = WordVocab.build(wiki / "wiki.train.tokens")
+    cache = tmp_path / "cache"
+    other = tmp_path / "other"
+    other.mkdir()
+    theirs = other / "wiki.valid.tokens"  # same name, other text, older than the cache
+    theirs.write_text("said the\n")
+    os.utime(theirs, (1e9, 1e9))
+    mine = encode_file(wiki / "wiki.valid.tokens", vocab, cache_dir=cache)
+    uncached = encode_file(theirs, vocab).tolist()
+    assert encode_file(theirs, vocab, cache_dir=cache).tolist() == uncached
+    assert encode_file(theirs, vocab).tolist() != mine.tolist()
+    # replaced in place by a copy that keeps an old modification time (tar -x, cp -p)
+    (wiki / "wiki.valid.tokens").write_text("the\n")
+    os.utime(wiki / "wiki.valid.tokens", (1e9, 1e9))
+    fresh = encode_file(wiki / "wiki.valid.tokens", vocab, cache_dir=cache)
+    assert fresh.tolist() == encode_file(wiki / "wiki.valid.tokens", vocab).tolist()
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]  # atomic writes left nothing
+
+
 def test_load_wikitext103_builds_then_reuses_vocab(wiki, tmp_path):
     vocab, streams = load_wikitext103(wiki, vocab_path=tmp_path / "v.json")
     assert (tmp_path / "v.json").is_file() and set(streams) == {"train", "valid", "test"}

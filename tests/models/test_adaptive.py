@@ -119,7 +119,7 @@ def test_loss_scores_each_tail_only_for_its_own_rows(monkeypatch):
     h = torch.randn(10, D, dtype=torch.float64)
     target = torch.tensor([0, 1, 2, 3, 9, 9, 9, 4, 5, -100])  # head words and band 1 only
     sm.loss(h, target)
-    assert seen == [(1, 3)]
+    assert seen == [(1, 3), (2, 0)]  # band 2 has no target: zero rows (kept in the graph)
 
 
 def test_tied_parameters_are_the_same_tensors():
@@ -178,6 +178,21 @@ def test_causal_lm_forward_backward(system):
     torch.testing.assert_close(both.loss, ref, rtol=1e-5, atol=1e-6)  # fp32 rounding
     assert model(ids).logits.shape == (2, 11, V)  # no labels: logits by default
     assert model(ids, labels=labels, return_logits=False).logits is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bands_without_tokens_still_get_gradients(tied):
+    """DistributedDataParallel needs every trainable parameter in each step's graph: a batch
+    of head words only (no token of a tail band) must still give every band a (zero) grad."""
+    model = SpadeForCausalLM(tiny(tie_embeddings=tied))
+    ids = torch.randint(0, CUTOFFS[0], (2, 11))  # band 0 only, as inputs and as targets
+    model(ids, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    tail = model.backbone.embed.embeddings[2].weight.grad
+    assert tail is not None and tail.abs().max() == 0
+    empty = model.backbone.embed(torch.zeros(0, 3, dtype=torch.long))  # no tokens at all
+    assert empty.shape == (0, 3, D)
 
 
 def test_adaptive_input_is_scaled_by_sqrt_d():

@@ -176,6 +176,84 @@ def test_save_overwrites_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left behind
 
 
+def test_save_into_a_directory_keeps_its_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    model = SpadeForCausalLM(tiny("transformer-window"))
+    assert model.save_pretrained(tmp_path) == tmp_path
+    model.save_pretrained(tmp_path)  # overwrite in place
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "data").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "data", "model.safetensors", "notes.txt"]  # no temp files left
+    loaded = SpadeForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.backbone.embed.weight, model.backbone.embed.weight)
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        model.save_pretrained(tmp_path / "notes.txt")
+
+
+def test_interrupted_save_is_refused_on_load(tmp_path, monkeypatch):
+    import spadeformer.models.io as io
+
+    old = SpadeForCausalLM(tiny("transformer-window"))
+    old.save_pretrained(tmp_path / "m")
+    new = SpadeForCausalLM(tiny("transformer-window"))
+
+    def killed(path, write):  # the process dies before config.json is replaced
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path / "m")
+    monkeypatch.undo()
+    with pytest.raises(ModelLoadError, match="different saves"):
+        SpadeForCausalLM.from_pretrained(tmp_path / "m")
+    new.save_pretrained(tmp_path / "m")
+    loaded = SpadeForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.backbone.embed.weight, new.backbone.embed.weight)
+
+
+def test_weights_sharing_one_buffer_save(tmp_path):
+    # nn.LSTM on CUDA keeps its weights as views of one cuDNN buffer (flatten_parameters);
+    # emulated on CPU: safetensors' save_model refuses such partial overlaps
+    model = SpadeForCausalLM(tiny("spade-s4-window", ssm="lstm")).eval()
+    lstm = model.backbone.layers[0].ssm.lstm
+    flat = torch.cat([w.detach().reshape(-1) for w in lstm._flat_weights])
+    offset = 0
+    for w in lstm._flat_weights:
+        w.data = flat[offset:offset + w.numel()].view_as(w)
+        offset += w.numel()
+    model.save_pretrained(tmp_path / "m")
+    loaded = SpadeForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 37, (1, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_directory_saved_before_the_save_id_loads(tmp_path):
+    import json
+
+    from safetensors.torch import save_model
+
+    model = SpadeForCausalLM(tiny("spade-s4-window")).eval()
+    d = tmp_path / "old"
+    d.mkdir()
+    save_model(model, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(
+        {"model_class": "SpadeForCausalLM", "config": model.config.to_dict()}))
+    loaded = SpadeForCausalLM.from_pretrained(d).eval()
+    ids = torch.randint(0, 37, (1, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_bad_map_location(tmp_path):
+    d = SpadeForCausalLM(tiny("transformer-window")).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="map_location must be a device.*'cpux'"):
+        SpadeForCausalLM.from_pretrained(d, map_location="cpux")
+    assert SpadeForCausalLM.from_pretrained(d, map_location=torch.device("cpu")) is not None
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            SpadeForCausalLM.from_pretrained(d, map_location="cuda")
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         SpadeForCausalLM.from_pretrained(tmp_path / "nothing")

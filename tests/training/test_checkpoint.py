@@ -97,6 +97,10 @@ def test_manager_save_load_pointers_and_garbage_collection(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.is_dir()) == ["step-00000015"]
     with pytest.raises(ValueError, match="tag"):
         mgr.save(model, _state(1), 1, tags=("../evil",))
+    for tags in ((), "last"):  # no pointer (the cleanup would delete it), or a bare string
+        with pytest.raises(ValueError, match="tags must be a non-empty sequence"):
+            mgr.save(model, _state(20), 20, tags=tags)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.is_dir()) == ["step-00000015"]
 
 
 def test_state_is_read_with_weights_only(tmp_path):

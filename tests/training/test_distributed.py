@@ -41,6 +41,17 @@ def test_single_process_environment_is_a_no_op(monkeypatch):
         D.init_distributed("cpu")
 
 
+def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.resolve_device("auto") == torch.device("cpu")
+    for device in ("cuda", "cuda:0", torch.device("cuda", 0)):
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            D.resolve_device(device)
+    for device in ("gpu", 3):
+        with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            D.resolve_device(device)
+
+
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     """torchrun with 2 CPU ranks (gloo) and the same global batch reproduces the 1-process
     losses to float32 rounding (each rank averages its half; DDP averages the gradients)."""

@@ -70,7 +70,9 @@ def collate_batch(items: Sequence[Mapping[str, Any]],
     Tensors with equal shapes are stacked. 1-d tensors of different lengths (variable-length
     ``input_ids`` / per-token ``labels``) are right-padded: ``input_ids`` with ``pad_id``,
     ``labels`` with -100 (ignored by the loss), anything else with 0, and a
-    ``padding_mask`` (batch, length) bool, True = padded, is added from ``input_ids``.
+    ``padding_mask`` (batch, length) bool, True = padded, is added from ``input_ids`` -- only
+    then: a batch whose items all have one length has no ``padding_mask`` key (use
+    :class:`~spadeformer.data.lra_common.PadCollate` for a mask in every batch).
     Python numbers become tensors.
     """
     if len(items) == 0:

@@ -185,10 +185,20 @@ class BlockDataset(Dataset):
         if isinstance(data, bytes | bytearray):
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         elif isinstance(data, np.ndarray):
-            data = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
+            if data.dtype.kind not in "ui":
+                raise ValueError(f"data must hold integer byte values, got a numpy {data.dtype}")
+            data = torch.from_numpy(np.ascontiguousarray(data).astype(np.int64, copy=False))
         if not isinstance(data, torch.Tensor) or data.dim() != 1:
             raise ValueError(f"data must be a 1-d byte tensor, got {type(data).__name__} "
                              f"of shape {tuple(getattr(data, 'shape', ()))}")
+        if data.dtype != torch.uint8:  # a cast would wrap 300 to 44 and -1 to 255
+            if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
+                raise ValueError(f"data must hold integer byte values, got {data.dtype}")
+            if data.numel() and (int(data.min()) < 0 or int(data.max()) > 255):
+                raise ValueError(
+                    f"data must hold byte values 0..255, got {data.dtype} values in "
+                    f"[{int(data.min())}, {int(data.max())}]"
+                )
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
         stride = seq_len if stride is None else stride

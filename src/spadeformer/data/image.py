@@ -19,9 +19,10 @@ and ``_codecs.encode`` which Python 3 protocol-2 pickles use for bytes). Anythin
 ``os.system``) raises :class:`CorruptFileError` instead of running, so a tampered file cannot
 execute code through the globals it names.
 
-Grayscale is ITU-R BT.601 luma, ``Y = 0.299 R + 0.587 G + 0.114 B``, rounded half up to an
-integer in 0..255 (LRA used TF's ``rgb_to_grayscale``, the same weights). Token id = grey level,
-``vocab_size`` 256, always 1024 tokens.
+Grayscale is what LRA's pipeline feeds its models: TF's ``tf.image.rgb_to_grayscale`` on the
+uint8 image, i.e. in float32 ``Y = 0.2989 r + 0.5870 g + 0.1140 b`` with r, g, b = value / 255,
+then back to uint8 as ``trunc(Y * 255.5)`` (TF's ``convert_image_dtype``). Token id = grey
+level, ``vocab_size`` 256, always 1024 tokens.
 """
 
 from __future__ import annotations
@@ -111,12 +112,17 @@ def load_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
+_TF_GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)
+
+
 def rgb_to_gray(data: np.ndarray) -> np.ndarray:
-    """CIFAR rows uint8 (N, 3072) (planes R, G, B) -> BT.601 luma uint8 (N, 1024)."""
-    rgb = data.reshape(-1, 3, 1024).astype(np.int32)
-    # integer arithmetic so that exact halves round up instead of drifting with float error
-    y1000 = 299 * rgb[:, 0] + 587 * rgb[:, 1] + 114 * rgb[:, 2]
-    return ((y1000 + 500) // 1000).astype(np.uint8)  # weights sum to 1: max is 255
+    """CIFAR rows uint8 (N, 3072) (planes R, G, B) -> grey levels uint8 (N, 1024), as LRA's
+    ``tf.image.rgb_to_grayscale`` computes them (module docstring): float32 throughout, so
+    that the grey levels are TF's, which truncates and uses weights summing to 0.9999."""
+    rgb = data.reshape(-1, 3, 1024).astype(np.float32) * np.float32(1.0 / 255.0)
+    w = _TF_GRAY_WEIGHTS
+    gray = (rgb[:, 0] * w[0] + rgb[:, 1] * w[1]) + rgb[:, 2] * w[2]
+    return (gray * np.float32(255.5)).astype(np.uint8)  # truncates; white: 255.47 -> 255
 
 
 class Cifar10GrayDataset(Dataset):
@@ -230,6 +236,12 @@ class PathfinderDataset(Dataset):
         if split != "all":
             parts = split_indices(len(paths), fractions, seed)
             index = parts[("train", "val", "test").index(split)]
+            if len(index) == 0:
+                raise ValueError(
+                    f"split={split!r} gets no image: {len(paths)} images in {meta_dir} "
+                    f"split by fractions={list(fractions)} leave it empty; use more images or "
+                    "split='all'"
+                )
         self.paths = [paths[i] for i in index]
         self.labels = np.asarray(labels, dtype=np.int64)[index]
         self.size = size if size is not None else self._read(0).shape[0]

@@ -369,17 +369,16 @@ class ListOpsDataset(Dataset):
                         f"{max_length}; raise max_length or pass truncate=True"
                     )
                 ids = ids[:max_length]
-            try:
-                value = float(target)
-            except ValueError:
-                value = -1.0
-            label = int(value)
-            if not 0 <= label <= 9 or value != label:
+            # "7" (the release) or "7.0" (a TSV re-saved by pandas); not "1e0", "nan", "inf"
+            digit = target.strip()
+            if digit.endswith(".0"):
+                digit = digit[:-2]
+            if len(digit) != 1 or digit not in "0123456789":
                 raise CorruptFileError(
                     f"{self.path}:{lineno}: Target must be a digit 0-9, got {target!r}"
                 )
             seqs.append(ids)
-            labels.append(label)
+            labels.append(int(digit))
         if not seqs:
             raise CorruptFileError(f"{self.path} holds no examples; expected {_LAYOUT}")
         self.sequences = RaggedArray(seqs, dtype=np.uint8)

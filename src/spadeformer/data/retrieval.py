@@ -125,6 +125,11 @@ class AANDataset(Dataset):
                     raise CorruptFileError(
                         f"{self.path}:{lineno}: a text field is not a valid bytes literal ({e})"
                     ) from None
+                if not t1 or not t2:
+                    raise CorruptFileError(
+                        f"{self.path}:{lineno}: text {1 if not t1 else 2} of the pair is empty; "
+                        "every document must hold at least one byte"
+                    )
                 pairs.append((doc(t1), doc(t2), int(value)))
         if not pairs:
             raise CorruptFileError(f"{self.path} holds no pairs; expected {_LAYOUT}")

@@ -72,7 +72,8 @@ class ByteTextClassificationDataset(Dataset):
         if split is not None:
             base = require_dir(base / split, _LAYOUT)
         if classes is None:
-            classes = [d.name for d in base.iterdir() if d.is_dir()]
+            # hidden folders (.ipynb_checkpoints, .git) are no classes
+            classes = [d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
             if not classes:
                 raise FileNotFoundError(f"{base} has no class sub-folders; expected {_LAYOUT}")
         self.classes = sorted(classes)
@@ -89,6 +90,9 @@ class ByteTextClassificationDataset(Dataset):
                 raise FileNotFoundError(f"{folder} holds no {pattern} files; expected {_LAYOUT}")
             for f in files:
                 data = f.read_bytes()
+                if not data:
+                    raise CorruptFileError(f"{f}: empty document (0 bytes); every {pattern} "
+                                           "file must hold at least one byte of text")
                 try:
                     data.decode("utf-8")
                 except UnicodeDecodeError as e:

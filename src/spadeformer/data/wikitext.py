@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from spadeformer.data.lra_common import IGNORE_INDEX, CorruptFileError, require_file
+from spadeformer.fileio import atomic_write
 
 __all__ = [
     "EOS",
@@ -103,11 +104,10 @@ class WordVocab:
         return hashlib.sha1("\n".join(self.tokens).encode("utf-8")).hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(
-            json.dumps({"format": _FORMAT, "version": 1, "tokens": self.tokens},
-                       ensure_ascii=False),
-            encoding="utf-8",
-        )
+        """Write the vocabulary as JSON, atomically (a concurrent reader never sees half)."""
+        text = json.dumps({"format": _FORMAT, "version": 1, "tokens": self.tokens},
+                          ensure_ascii=False)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WordVocab:
@@ -125,14 +125,20 @@ def encode_file(path: str | os.PathLike, vocab: WordVocab,
                 cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """A token file -> int32 ids (N,), each line's words then ``<eos>``.
 
-    With ``cache_dir``, the ids are saved there as ``<name>.<vocab fingerprint>.npy`` and read
-    back on later calls (encoding WikiText-103's training file takes about a minute).
+    With ``cache_dir``, the ids are saved there (atomically) and read back on later calls
+    (encoding WikiText-103's training file takes about a minute). The cache file's name holds
+    the vocabulary's fingerprint and a hash of the source's resolved path, size and
+    modification time, so another file of the same name, or the file replaced, is encoded
+    afresh.
     """
     path = require_file(path, _LAYOUT)
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"{path.name}.{vocab.fingerprint()}.npy"
-        if cache.is_file() and cache.stat().st_mtime >= path.stat().st_mtime:
+        st = path.stat()
+        source = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        key = hashlib.sha1(source.encode("utf-8")).hexdigest()[:12]
+        cache = Path(cache_dir) / f"{path.name}.{vocab.fingerprint()}.{key}.npy"
+        if cache.is_file():
             return np.load(cache, allow_pickle=False)
     buf = array.array("i")
     get, unk, eos = vocab.index.get, vocab.unk_id, vocab.eos_id
@@ -142,7 +148,12 @@ def encode_file(path: str | os.PathLike, vocab: WordVocab,
     ids = np.frombuffer(buf, dtype=np.int32).copy()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, ids)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+                np.save(f, ids)
+
+        atomic_write(cache, write)
     return ids
 
 

@@ -101,11 +101,10 @@ class AdaptiveInput(nn.Module):
         rows, pieces = [], []
         for i, (lo, _) in enumerate(self.bands):
             idx = (band == i).nonzero().squeeze(1)  # (n_i,) positions holding band-i ids
-            if idx.numel():
-                rows.append(idx)
-                pieces.append(self.projections[i](self.embeddings[i](flat[idx] - lo)))
-        if not pieces:  # no tokens at all
-            return self.projections[0].weight.new_zeros(*ids.shape, self.d_model)
+            # a band with no token still runs on zero rows: its parameters stay in the graph
+            # (zero gradients), which DistributedDataParallel needs on every rank and step
+            rows.append(idx)
+            pieces.append(self.projections[i](self.embeddings[i](flat[idx] - lo)))
         vals = torch.cat(pieces)  # (N, d_model), band order
         out = vals.new_empty(flat.shape[0], self.d_model).index_copy(0, torch.cat(rows), vals)
         return out.view(*ids.shape, self.d_model)
@@ -247,9 +246,10 @@ class AdaptiveSoftmax(nn.Module):
         nll = -head.gather(1, head_target[:, None]).sum()
         for i, (lo, _) in enumerate(self.bands[1:], start=1):
             rows = (band == i).nonzero().squeeze(1)
-            if rows.numel():
-                tail = self._tail_log_prob(i, h[rows])  # (rows, n_i) only
-                nll = nll - tail.gather(1, (target[rows] - lo)[:, None]).sum()
+            # also for zero rows, to keep the band's parameters in the graph (see forward of
+            # AdaptiveInput)
+            tail = self._tail_log_prob(i, h[rows])  # (rows, n_i) only
+            nll = nll - tail.gather(1, (target[rows] - lo)[:, None]).sum()
         return nll / keep.sum()
 
 

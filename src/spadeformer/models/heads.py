@@ -120,6 +120,12 @@ class SpadeForCausalLM(PretrainedMixin, nn.Module):
     def initial_state(self, batch_size: int) -> dict[str, Any]:
         return self.backbone.initial_state(batch_size)
 
+    @property
+    def max_steps(self) -> int | None:
+        """How many tokens ``step()`` can take from the initial state (None = unbounded):
+        ``max_position`` with learned positions."""
+        return self.config.max_position if self.config.position == "learned" else None
+
     def step(self, input_ids_t: torch.Tensor, state: dict[str, Any]):
         """input_ids_t (batch,) -> logits (batch, vocab) (log-probabilities with the adaptive
         softmax), new state. Consumes ``state`` (see :meth:`SpadeModel.step`): deep-copy it

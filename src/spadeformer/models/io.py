@@ -1,27 +1,32 @@
-"""save_pretrained / from_pretrained: safetensors weights + config.json, written atomically.
+"""save_pretrained / from_pretrained: safetensors weights + config.json, each written atomically.
 
 Layout of a saved model directory::
 
-    config.json         {"model_class": "SpadeForCausalLM", "config": {...SpadeConfig...}}
-    model.safetensors   the weights (tied tensors stored once)
+    config.json         {"model_class": "SpadeForCausalLM", "config": {...}, "save_id": "..."}
+    model.safetensors   the weights (tied tensors stored once), its metadata holds the save_id
 
-Saving writes both files into a fresh temporary directory beside the target and renames it
-into place, so an interrupted save never leaves a half-written model. Loading never unpickles:
-safetensors only holds tensors, config.json only JSON.
+Saving replaces the two files inside the directory, each atomically (temp file, fsync,
+rename), weights first; other files in the directory are left alone. Both files carry the same
+random ``save_id``, so a save interrupted between the two renames (new weights beside the old
+config) is refused on load instead of loading mismatched halves. Loading never unpickles:
+safetensors only holds tensors, config.json only JSON. Directories saved before the save_id
+existed (safetensors' ``save_model`` layout) still load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
+
+from spadeformer.fileio import atomic_write
+from spadeformer.training.checkpoint import read_model_weights, save_model_weights
 
 __all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "ModelLoadError"]
 
@@ -33,17 +38,15 @@ class ModelLoadError(RuntimeError):
     """A saved model directory is missing, corrupt or does not match its config."""
 
 
-def _fsync_dir(path: Path) -> None:
+def _check_map_location(map_location: Any) -> torch.device:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"map_location must be a device such as 'cpu', 'cuda' or 'cuda:0', "
+                         f"got {map_location!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location={map_location!r} but CUDA is not available; use 'cpu'")
+    return device
 
 
 class PretrainedMixin:
@@ -62,30 +65,18 @@ class PretrainedMixin:
         return total
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors into ``directory`` atomically."""
+        """Write config.json + model.safetensors into ``directory`` (created if needed); see
+        the module docstring for why an interrupted save never loads as a model."""
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            meta = {"model_class": type(self).__name__, "config": self.config.to_dict()}
-            with open(tmp / CONFIG_NAME, "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            save_model(self, str(tmp / WEIGHTS_NAME))
-            with open(tmp / WEIGHTS_NAME, "rb+") as f:
-                os.fsync(f.fileno())
-            backup = None
-            if target.exists():
-                backup = target.parent / f".{target.name}.old-{os.getpid()}"
-                os.replace(target, backup)
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"directory={str(target)!r} exists and is not a directory")
+        target.mkdir(parents=True, exist_ok=True)
+        save_id = uuid.uuid4().hex
+        save_model_weights(self, target / WEIGHTS_NAME, metadata={"save_id": save_id})
+        meta = {"model_class": type(self).__name__, "config": self.config.to_dict(),
+                "save_id": save_id}
+        text = json.dumps(meta, indent=2, sort_keys=True)
+        atomic_write(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
         return target
 
     @classmethod
@@ -103,6 +94,7 @@ class PretrainedMixin:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
 
+        map_location = _check_map_location(map_location)
         path = Path(directory)
         if not path.is_dir():
             raise ModelLoadError(f"no saved model at {str(path)!r}: directory does not exist")
@@ -123,19 +115,48 @@ class PretrainedMixin:
         model = cls(config)
         if dtype is not None:
             model.to(dtype)
-        try:
-            missing, unexpected = load_model(model, str(weights_path), strict=False,
-                                             device=map_location)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise ModelLoadError(
-                f"{weights_path} could not be read (truncated or corrupt?), or its tensors do "
-                f"not fit the config: {err}"
-            ) from err
-        if missing or unexpected:
-            raise ModelLoadError(
-                f"{weights_path} does not match {config_path}: missing tensors "
-                f"{sorted(missing)[:8]}, unexpected tensors {sorted(unexpected)[:8]}"
-            )
+        if "save_id" in meta:
+            _load_weights(model, weights_path, config_path, meta["save_id"])
+        else:  # saved before the save_id: safetensors' save_model layout
+            _load_legacy_weights(model, weights_path, config_path)
         return model.to(map_location)
 
 
+def _load_weights(model: torch.nn.Module, weights_path: Path, config_path: Path,
+                  save_id: str) -> None:
+    try:
+        tensors, file_meta = read_model_weights(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{weights_path} could not be read (truncated or corrupt?): "
+                             f"{err}") from err
+    if file_meta.get("save_id") != save_id:
+        raise ModelLoadError(
+            f"{weights_path} and {config_path} come from different saves (save ids "
+            f"{file_meta.get('save_id')!r} and {save_id!r}): a save_pretrained was interrupted "
+            "between its two files; save the model again"
+        )
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:
+        raise ModelLoadError(f"the tensors of {weights_path} do not fit {config_path}: "
+                             f"{err}") from err
+    _check_keys(missing, unexpected, weights_path, config_path)
+
+
+def _load_legacy_weights(model: torch.nn.Module, weights_path: Path, config_path: Path) -> None:
+    try:
+        missing, unexpected = load_model(model, str(weights_path), strict=False)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(
+            f"{weights_path} could not be read (truncated or corrupt?), or its tensors do "
+            f"not fit the config: {err}"
+        ) from err
+    _check_keys(missing, unexpected, weights_path, config_path)
+
+
+def _check_keys(missing, unexpected, weights_path: Path, config_path: Path) -> None:
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{weights_path} does not match {config_path}: missing tensors "
+            f"{sorted(missing)[:8]}, unexpected tensors {sorted(unexpected)[:8]}"
+        )

@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ import numpy as np
 import safetensors.torch
 import torch
 from torch import nn
+
+from spadeformer.fileio import atomic_write, fsync_dir, fsync_file
 
 __all__ = [
     "MODEL_FILE",
@@ -43,6 +45,7 @@ __all__ = [
     "capture_rng_state",
     "load_checkpoint",
     "load_model_weights",
+    "read_model_weights",
     "restore_rng_state",
     "save_model_weights",
 ]
@@ -52,44 +55,6 @@ STATE_FILE = "state.pt"
 _FORMAT = "spadeformer-checkpoint-v1"
 _STEP_DIR = re.compile(r"^step-\d{8}(-\d+)?$")
 _TAG = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-# ----------------------------------------------------------------------------- file primitives
-
-
-def _fsync_file(path: str | os.PathLike) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a rename / new entry in ``path`` (a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Create or replace ``path`` atomically: ``write(tmp)`` fills a temp file in the same
-    directory, which is fsynced and then ``os.replace``-d over ``path``. On any error the temp
-    file is removed and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        write(str(tmp))
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -145,7 +110,11 @@ def save_model_weights(model: nn.Module, path: str | os.PathLike,
     atomic_write(path, lambda tmp: _write_weights(model, tmp, metadata))
 
 
-def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_model_weights(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A file written by :func:`save_model_weights` -> (state dict on CPU with the tied
+    names restored, its metadata)."""
     with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
@@ -157,7 +126,7 @@ def _read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 def load_model_weights(model: nn.Module, path: str | os.PathLike,
                        strict: bool = True) -> dict[str, str]:
     """Load a file written by :func:`save_model_weights` into ``model``; returns its metadata."""
-    tensors, meta = _read_weights(path)
+    tensors, meta = read_model_weights(path)
     model.load_state_dict(tensors, strict=strict)
     return meta
 
@@ -231,6 +200,10 @@ class CheckpointManager:
         ``state`` must be weights-only loadable (tensors, numbers, strings, containers).
         ``info`` (JSON-able) is stored in the pointer files, e.g. the validation loss.
         """
+        if isinstance(tags, str) or not tags:
+            # a checkpoint no pointer names is garbage: the cleanup below would delete it
+            raise ValueError(f"tags must be a non-empty sequence of pointer names such as "
+                             f"('last',), got {tags!r}")
         for tag in tags:
             self._check_tag(tag)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -239,16 +212,16 @@ class CheckpointManager:
         try:
             model_file, state_file = tmp / MODEL_FILE, tmp / STATE_FILE
             _write_weights(model, str(model_file), {"step": str(step)})
-            _fsync_file(model_file)
+            fsync_file(model_file)
             torch.save({**state, "step": step}, str(state_file))
-            _fsync_file(state_file)
-            _fsync_dir(tmp)
+            fsync_file(state_file)
+            fsync_dir(tmp)
             final = self._free_name(step)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         for tag in tags:
             pointer = {**(info or {}), "step": step, "dir": final.name}
             _write_json(self.root / f"{tag}.json", pointer)
@@ -323,7 +296,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                                     f"{STATE_FILE}) nor a root with a last.json pointer")
         path = found
     state = torch.load(path / STATE_FILE, map_location=map_location, weights_only=True)
-    tensors, meta = _read_weights(path / MODEL_FILE)
+    tensors, meta = read_model_weights(path / MODEL_FILE)
     if meta.get("step") is not None and int(meta["step"]) != int(state["step"]):
         raise RuntimeError(f"inconsistent checkpoint {str(path)!r}: weights are from step "
                            f"{meta['step']}, state from step {state['step']}")

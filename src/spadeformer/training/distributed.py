@@ -73,18 +73,20 @@ def is_distributed() -> bool:
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:local_rank when CUDA is available, else cpu; "cuda" -> cuda:local_rank."""
+    """"auto" -> cuda:local_rank when CUDA is available, else cpu; "cuda" -> cuda:local_rank.
+    A CUDA device when CUDA is not available is refused here, not at the first tensor."""
     if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    try:
-        out = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
-                         f"got {device!r}") from None
+        out = device
+    elif device == "auto":
+        out = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    elif device == "cuda":
+        out = torch.device("cuda", local_rank)
+    else:
+        try:
+            out = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                             f"got {device!r}") from None
     if out.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
     return out
