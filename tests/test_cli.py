@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from spadeformer.cli import main
 
@@ -197,3 +198,36 @@ def test_same_command_under_torchrun_two_processes(tmp_path, corpus_root):
     assert len(keys) == len(set(keys)) and (4, "train") in keys and (4, "val") in keys
     for name in ("model/model.safetensors", "checkpoints/last.json", "run_config.yaml"):
         assert (run / name).is_file(), name
+
+
+def test_generate_checks_sampling_arguments_before_echoing_the_prompt(tmp_path):
+    import io
+
+    from spadeformer.cli import generate_text
+
+    out = io.StringIO()
+    with pytest.raises(ValueError, match="top_p must be None or a number in"):
+        generate_text(str(tmp_path / "no-run"), "hello", top_p=0.0, stream=out, echo_prompt=True)
+    assert out.getvalue() == ""
+
+
+def test_init_from_starts_a_fresh_run_from_saved_weights(tmp_path, corpus_root, capsys):
+    from spadeformer.models import SpadeForCausalLM
+
+    base = ["train", f"data.root={corpus_root}", *TINY, "train.steps=4", "train.eval_every=4",
+            "train.save_every=4"]
+    assert main([*base[:1], "--out", str(tmp_path / "a"), *base[1:]]) == 0
+    # lr ~0: the fine-tuned run's weights stay the saved ones, so equality shows the start
+    assert main([*base[:1], "--out", str(tmp_path / "b"), *base[1:], "train.lr=1e-12",
+                 "train.warmup_steps=0", f"model.init_from={tmp_path / 'a'}"]) == 0
+    assert "init_from" in capsys.readouterr().err
+    a = SpadeForCausalLM.from_pretrained(tmp_path / "a" / "model").state_dict()
+    b = SpadeForCausalLM.from_pretrained(tmp_path / "b" / "model").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert "init_from:" in (tmp_path / "b" / "run_config.yaml").read_text()
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume",
+                 f"model.init_from={tmp_path / 'a'}"]) == 2
+    assert "drop model.init_from" in capsys.readouterr().err
+    assert main([*base[:1], "--out", str(tmp_path / "c"), *base[1:],
+                 f"model.init_from={tmp_path / 'nothing'}"]) == 2
+    assert "holds no saved model" in capsys.readouterr().err

@@ -92,3 +92,11 @@ def test_ssm_size_defaults_apply_only_where_understood():
     assert custom.ssm_options == {"d_state": 16, "pointwise": True, "channels": 2}
     with pytest.raises(ValueError, match="pointwise=False needs channels=1"):
         SpadeModel(SpadeConfig.from_preset("spade-s4-window", ssm_options={"channels": 2}))
+
+
+@pytest.mark.parametrize("system", ["s4", "s5", "hyena"])
+def test_ssm_stacks_follow_an_n_layers_override(system):
+    cfg = SpadeConfig.from_preset(system, size="lra", n_layers=2)
+    assert cfg.n_layers == 2 and cfg.global_layers == [0, 1]
+    assert SpadeConfig.from_preset(system, size="tiny", n_layers=5).global_layers == [0, 1, 2, 3, 4]
+    assert SpadeConfig.from_preset("spade-s4-window", size="lra", n_layers=3).global_layers == [0]

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from spadeformer.cli_format import HelpFormatter
+
 __all__ = ["main", "train", "evaluate", "generate_text"]
 
 RUN_CONFIG = "run_config.yaml"
@@ -30,6 +32,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     starting point (overrides may then change train and data settings, with a warning); the
     model must stay the run's.
     """
+    from spadeformer.models import load_pretrained_weights
     from spadeformer.runconfig import build_model_config, load_run_config
     from spadeformer.tasks import get_task
     from spadeformer.training.checkpoint import atomic_write
@@ -44,6 +47,10 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     source = get_task(cfg["data"])
     task = source.task
     model_section = dict(cfg["model"])
+    init_from = model_section.pop("init_from", None)
+    if init_from is not None and resume:
+        raise ValueError("model.init_from starts a fresh run from saved weights; a resumed run "
+                         "continues from its own checkpoint: drop model.init_from")
     model_section.setdefault("vocab_size", task.vocab_size)
     if task.num_labels is not None:
         model_section.setdefault("num_labels", task.num_labels)
@@ -70,6 +77,11 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
 
     seed_everything(train_config.seed)  # the initial weights follow train.seed too
     model = task.model_cls()(model_config)
+    if init_from is not None:  # every rank loads the same weights (DDP broadcasts them anyway)
+        report = load_pretrained_weights(model, init_from)
+        if main_process:
+            _say(f"init_from {init_from}: {len(report['loaded'])} tensors loaded; fresh: "
+                 f"{report['fresh'] or 'none'}; not used: {report['unused'] or 'none'}")
     if main_process:
         _say(f"model: {type(model).__name__}, {model.num_parameters():,} parameters "
              f"({model.num_parameters(trainable_only=True):,} trainable); run dir: {out_dir}")
@@ -79,6 +91,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     if main_process:  # only once the Trainer accepted the run dir (a refusal leaves it alone)
         resolved = {"model": model_config.to_dict(), "data": cfg["data"],
                     "train": train_config.to_dict(), "task": task.name}
+        if init_from is not None:
+            resolved["init_from"] = str(init_from)
         text = yaml.safe_dump(resolved, sort_keys=False)
         atomic_write(out_dir / RUN_CONFIG, lambda tmp: Path(tmp).write_text(text))
     if resume and trainer.step >= train_config.steps and main_process:
@@ -234,8 +248,9 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
     (after the prompt itself with ``echo_prompt``, once the run and prompt are checked)."""
     import torch
 
-    from spadeformer.generation import generate
+    from spadeformer.generation import check_generate_args, generate
 
+    check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
     _, source, model = _load_run(run)
     if source.task.objective != "lm":
         raise ValueError(f"run {run!r} trained a {source.task.name} classifier; "
@@ -297,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a YAML preset",
+                       formatter_class=HelpFormatter,
                        description="Train from --config FILE plus dotted key=value overrides, "
                                    "e.g. `train.steps=100 model.window_size=64`.")
     p.add_argument("--config", help="YAML run config (sections model, data, train)")
@@ -306,20 +322,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.lr=1e-3 model.ssm_options.d_state=32")
 
-    p = sub.add_parser("eval", help="evaluate a trained run on a split; prints JSON")
+    p = sub.add_parser("eval", help="evaluate a trained run on a split; prints JSON",
+                       formatter_class=HelpFormatter,
+                       description="Load the model a finished run exported (RUN/model/) and "
+                                   "score a split: loss and accuracy, or perplexity / bits "
+                                   "per byte, beside the split's baseline; prints JSON.")
     p.add_argument("--run", required=True, help="run directory made by `spadeformer train`")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="which split to score")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="score only this many batches (None = the whole split)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="evaluation batch size (None = the run's train.batch_size; "
+                        "WikiText-103: windows per batch, None = 1)")
 
-    p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM")
+    p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM",
+                       formatter_class=HelpFormatter,
+                       description="Stream bytes after --prompt from a byte-level LM run. The "
+                                   "defaults sample (temperature 0.8, nucleus top-p 0.95); "
+                                   "--temperature 0 is greedy, --top-p 1 turns the nucleus off.")
     p.add_argument("--run", required=True, help="run directory made by `spadeformer train`")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely bytes only (None = all)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus: the smallest set of bytes with this much mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
 
     from spadeformer.bench.cli import add_bench_parser
     from spadeformer.data.cli import add_data_parser

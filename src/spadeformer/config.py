@@ -247,6 +247,9 @@ class SpadeConfig:
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
         data = dict(SIZES[size])
+        depth = overrides.get("n_layers")
+        if isinstance(depth, int) and not isinstance(depth, bool) and depth > 0:
+            data["n_layers"] = depth  # layer roles (e.g. an all-SSM stack) follow this depth
         system_fields = SYSTEMS[system](data)
         ssm_defaults = {**data.pop("ssm_defaults", {}), **system_fields.pop("ssm_defaults", {})}
         data.update(system_fields)

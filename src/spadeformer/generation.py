@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["generate", "sample_next", "filter_logits"]
+__all__ = ["check_generate_args", "filter_logits", "generate", "sample_next"]
 
 
 def _is_number(value) -> bool:
@@ -48,7 +48,8 @@ def _check_filters(top_k, top_p) -> None:
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
-def _check_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
+def check_generate_args(max_new_tokens, temperature, top_k, top_p, seed=None) -> None:
+    """Raise ValueError naming the first bad argument of :func:`generate`."""
     n = _as_int(max_new_tokens)
     if n is None or n < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -106,7 +107,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     id tensor as soon as it is sampled (the CLI streams text this way). Returns
     (batch, prompt + new) ids.
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p, seed)
+    check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"input_ids must have shape (batch, prompt_length >= 1), got {got}")

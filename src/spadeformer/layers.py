@@ -49,6 +49,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d_model) -> (..., d_model)."""
         return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
 
 
@@ -87,6 +88,8 @@ class LocalLayer(_Block):
         self.attn = attention
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (batch, length, d_model), padding_mask (batch, length) bool True = padded
+        -> (batch, length, d_model): attention then feed-forward, each in a residual."""
         return self._residual(x, lambda h: self.attn(h, padding_mask=padding_mask))
 
     def initial_state(self, batch_size: int, device=None, dtype=None) -> Any:
@@ -138,6 +141,12 @@ class GlobalLayer(_Block):
         return x_local if self.combine == "stack" else x_global
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (batch, length, d_model), padding_mask (batch, length) bool True = padded
+        -> (batch, length, d_model). The residual branch is ``combine`` of the SSM output
+        and the local attention's: "concat" = W [LN(x_local), LN(x_global)] (the paper),
+        "add" = w LN(x_global) + (1 - w) LN(x_local), "stack" = attention over the SSM
+        output; then the feed-forward, each in a residual."""
+
         def mix(h):
             x_global = self.ssm(h, padding_mask=padding_mask)
             if self.attn is None:

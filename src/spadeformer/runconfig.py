@@ -50,7 +50,8 @@ def _unknown(key: str, valid: list[str], where: str) -> RunConfigError:
 def _model_keys() -> list[str]:
     from spadeformer.config import SpadeConfig
 
-    return ["preset", "size", *[f.name for f in dataclasses.fields(SpadeConfig)]]
+    # init_from: the weights a fresh run starts from (fine-tuning), read by `spadeformer train`
+    return ["preset", "size", "init_from", *[f.name for f in dataclasses.fields(SpadeConfig)]]
 
 
 def _train_keys() -> list[str]:

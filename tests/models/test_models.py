@@ -287,3 +287,23 @@ def test_bad_input_ids():
         model(torch.randn(1, 4))
     with pytest.raises(ValueError, match="shape"):
         model(torch.tensor([1, 2, 3]))
+
+
+def test_load_pretrained_weights_moves_a_backbone_between_heads(tmp_path):
+    from spadeformer.models import load_pretrained_weights
+
+    lm = SpadeForCausalLM(tiny("spade-s4-window"))
+    lm.save_pretrained(tmp_path / "lm")
+    same = SpadeForCausalLM(tiny("spade-s4-window"))
+    report = load_pretrained_weights(same, tmp_path / "lm")
+    assert report["fresh"] == [] and report["unused"] == []
+    torch.testing.assert_close(same.lm_head.weight, lm.lm_head.weight, rtol=0, atol=0)
+    clf = SpadeForSequenceClassification(tiny("spade-s4-window", num_labels=3))
+    report = load_pretrained_weights(clf, tmp_path / "lm")
+    assert report["fresh"] and all(not n.startswith("backbone.") for n in report["fresh"])
+    assert "lm_head.weight" in report["unused"]
+    for name, tensor in clf.backbone.state_dict().items():
+        torch.testing.assert_close(tensor, lm.backbone.state_dict()[name], rtol=0, atol=0)
+    wider = SpadeForCausalLM(tiny("spade-s4-window", d_model=16, n_heads=2, d_ff=32))
+    with pytest.raises(ValueError, match=r"backbone does not fit this model: backbone\.\S+ is"):
+        load_pretrained_weights(wider, tmp_path / "lm")

@@ -273,3 +273,25 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, data, capsys):
     assert [x.split(":")[0] for x in lines] == ["step 2/4 train", "step 4/4 train",
                                                 "step 4/4 val"]
     assert "loss " in lines[0] and "lr " in lines[0]
+
+
+@pytest.mark.parametrize("clip_norm", [1e-3, None])
+def test_clip_norm_bounds_the_gradient_the_optimiser_sees(tmp_path, data, clip_norm):
+    train, val = data
+    torch.manual_seed(0)
+    model = TinyLM(d=32, dropout=0.0)
+    trainer = Trainer(model, train, val, cfg(steps=3, eval_every=3, save_every=3,
+                                             clip_norm=clip_norm), tmp_path)
+    norms = []
+
+    def before_step(optimizer, args, kwargs):
+        grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+        norms.append(float(torch.stack(grads).norm()))
+
+    trainer.optimizer.register_step_pre_hook(before_step)
+    trainer.fit()
+    assert len(norms) == 3
+    if clip_norm is None:
+        assert min(norms) > 1e-2  # unclipped gradients of a fresh model are far larger
+    else:
+        assert max(norms) <= clip_norm * (1 + 1e-4)

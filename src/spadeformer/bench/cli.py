@@ -20,6 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from spadeformer.cli_format import HelpFormatter
+
 __all__ = ["add_bench_parser", "bench_generate", "bench_train", "canonical_command"]
 
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384"
@@ -60,15 +62,15 @@ def _memory(text: str) -> str | float:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model shape (shared by every model)")
-    g.add_argument("--d-model", type=int, default=512)
-    g.add_argument("--n-layers", type=int, default=4)
-    g.add_argument("--n-heads", type=int, default=8)
+    g.add_argument("--d-model", type=int, default=512, help="model width")
+    g.add_argument("--n-layers", type=int, default=4, help="layers")
+    g.add_argument("--n-heads", type=int, default=8, help="attention heads")
     g.add_argument("--d-ff", type=int, default=None, help="default 4 * d_model")
     g.add_argument("--d-state", type=int, default=64, help="S4 state size")
     g.add_argument("--window", type=int, default=256, help="window size (window attention)")
     g.add_argument("--chunk", type=int, default=256, help="chunk size (chunk attention)")
-    g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--vocab", type=int, default=256)
+    g.add_argument("--batch", type=int, default=1, help="sequences per step")
+    g.add_argument("--vocab", type=int, default=256, help="vocabulary size")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:N]")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -92,9 +94,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train", help="training-step time, memory and FLOP/s against sequence length",
+        formatter_class=HelpFormatter,
         description="One training step (forward, backward, AdamW) per model and length, each "
                     "cell in a fresh subprocess. Writes train.csv, train.png, train_table.md.")
-    p.add_argument("--lengths", type=_int_list, default=_int_list(DEFAULT_LENGTHS))
+    p.add_argument("--lengths", type=_int_list, default=_int_list(DEFAULT_LENGTHS),
+                   help="comma-separated sequence lengths")
     p.add_argument("--models", type=_name_list, default=list(MODELS),
                    help=f"comma-separated, from {','.join(MODELS)}")
     p.add_argument("--warmup", type=int, default=1,
@@ -116,7 +120,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="wall-time budget per cell; over it the cell is recorded as skipped")
     p.add_argument("--peak-size", type=int, default=4096,
                    help="matrix size of the fp32 matmul peak measurement")
-    p.add_argument("--peak-repeats", type=int, default=5)
+    p.add_argument("--peak-repeats", type=int, default=5,
+                   help="timed matmuls for the machine's fp32 peak (median)")
     p.add_argument("--profile", default=None, metavar="MODEL@LENGTH",
                    help="also write a torch.profiler breakdown of one step, e.g. "
                         "spade-s4-window@8192")
@@ -125,9 +130,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate", help="per-token decoding latency and memory against context length",
+        formatter_class=HelpFormatter,
         description="Streaming decoding after a context of N tokens, one subprocess per "
                     "model. Writes generate.csv, generate.png, generate_table.md.")
-    p.add_argument("--contexts", type=_int_list, default=_int_list(DEFAULT_CONTEXTS))
+    p.add_argument("--contexts", type=_int_list, default=_int_list(DEFAULT_CONTEXTS),
+                   help="comma-separated context lengths")
     p.add_argument("--models", type=_name_list, default=["spade-s4-window", "transformer-full"],
                    help=f"comma-separated, from {','.join(GENERATE_MODELS)}")
     p.add_argument("--tokens", type=int, default=32, help="timed tokens per context (median)")

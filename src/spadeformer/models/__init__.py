@@ -6,7 +6,7 @@ from spadeformer.models.heads import (
     SpadeForRetrieval,
     SpadeForSequenceClassification,
 )
-from spadeformer.models.io import ModelLoadError
+from spadeformer.models.io import ModelLoadError, load_pretrained_weights
 from spadeformer.models.outputs import ModelOutput
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "SpadeForRetrieval",
     "SpadeForSequenceClassification",
     "SpadeModel",
+    "load_pretrained_weights",
 ]

@@ -91,7 +91,7 @@ class SpadeForCausalLM(PretrainedMixin, nn.Module):
         needs ``.loss``). The default (None) returns them unless labels are given *and* the
         output layer is an adaptive softmax: there the loss takes the efficient path that
         scores each tail band only for its own targets, and the full (batch, length, vocab)
-        log-probabilities would be pure extra cost (267,744 floats per token at the
+        log-probabilities would be pure extra cost (~268k floats per token at the
         wikitext103 size). With the plain head the loss needs the logits anyway, so they come
         back for free. The trainer calls ``model(input_ids=..., labels=...)`` and gets the
         cheap path; pass ``return_logits=True`` to get both.

@@ -28,7 +28,8 @@ from safetensors.torch import load_model
 from spadeformer.fileio import atomic_write
 from spadeformer.training.checkpoint import read_model_weights, save_model_weights
 
-__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "ModelLoadError"]
+__all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "ModelLoadError",
+           "load_pretrained_weights"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -160,3 +161,49 @@ def _check_keys(missing, unexpected, weights_path: Path, config_path: Path) -> N
             f"{weights_path} does not match {config_path}: missing tensors "
             f"{sorted(missing)[:8]}, unexpected tensors {sorted(unexpected)[:8]}"
         )
+
+
+def load_pretrained_weights(model: torch.nn.Module, directory: str | os.PathLike
+                            ) -> dict[str, list[str]]:
+    """Start ``model`` from a saved model's weights (fine-tuning): see the returned report.
+
+    ``directory`` is a :meth:`~PretrainedMixin.save_pretrained` directory or a run directory
+    holding one as ``model/``. The saved model may be another head class (a language model's
+    backbone under a classifier): every ``backbone.*`` tensor must be there with the same
+    shape (else ValueError naming it); other tensors load where name and shape match, the rest
+    keep their fresh initialisation. Returns ``{"loaded", "fresh", "unused"}`` tensor names.
+    """
+    from spadeformer import models
+
+    path = Path(directory)
+    if (path / "model" / CONFIG_NAME).is_file() and not (path / CONFIG_NAME).is_file():
+        path = path / "model"  # a run directory
+    if not (path / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"init_from={str(directory)!r} holds no saved model "
+                             f"(no {CONFIG_NAME} there or in its model/ folder)")
+    try:
+        saved_class = json.loads((path / CONFIG_NAME).read_text())["model_class"]
+        cls = getattr(models, saved_class)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ModelLoadError(f"{path / CONFIG_NAME} is not a valid spadeformer config: "
+                             f"{err!r}") from err
+    saved = cls.from_pretrained(path).state_dict()
+    target = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "fresh": [], "unused": []}
+    with torch.no_grad():
+        for name, tensor in target.items():
+            source = saved.get(name)
+            if source is not None and source.shape == tensor.shape:
+                tensor.copy_(source)
+                report["loaded"].append(name)
+            elif name.startswith("backbone."):
+                got = "missing" if source is None else f"shape {tuple(source.shape)}"
+                raise ValueError(
+                    f"init_from={str(directory)!r}: its backbone does not fit this model: "
+                    f"{name} is {got} there, {tuple(tensor.shape)} here (the model section "
+                    "must describe the saved model's backbone)"
+                )
+            else:
+                report["fresh"].append(name)
+    report["unused"] = [name for name in saved if name not in target or name in report["fresh"]]
+    return report

@@ -1,0 +1,88 @@
+"""GlobalLayer's ways of mixing the SSM with attention, and pre / post LayerNorm, held to the
+equations they implement, and step() decoding held to forward for each."""
+
+import pytest
+import torch
+
+from spadeformer.config import SpadeConfig
+from spadeformer.layers import GlobalLayer, LocalLayer
+from spadeformer.models import SpadeForCausalLM
+
+
+def tiny(**overrides):
+    base = dict(vocab_size=37, d_model=32, n_heads=4, d_ff=64, window_size=4, dropout=0.0)
+    base.update(overrides)
+    return SpadeConfig.from_preset("spade-s4-window", size="tiny", **base)
+
+
+def global_layer(model) -> GlobalLayer:
+    layer = model.backbone.layers[0]
+    assert isinstance(layer, GlobalLayer)
+    return layer
+
+
+@pytest.mark.parametrize("combine", ["concat", "add", "stack"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_global_layer_follows_its_equation(combine, norm):
+    torch.manual_seed(0)
+    layer = global_layer(SpadeForCausalLM(tiny(combine=combine, add_weight=0.3, norm=norm)))
+    layer.eval()
+    x = torch.randn(2, 9, 32)
+
+    def mix(h):
+        g = layer.ssm(h)
+        if combine == "concat":
+            both = torch.cat([layer.norm_local(layer.attn(h)), layer.norm_global(g)], -1)
+            return both @ layer.mix_proj.weight.T + layer.mix_proj.bias
+        if combine == "add":
+            return 0.3 * layer.norm_global(g) + 0.7 * layer.norm_local(layer.attn(h))
+        return layer.attn(g)  # stack: attention reads the SSM's output
+
+    if norm == "pre":
+        h = x + mix(layer.norm_mix(x))
+        expected = h + layer.ffn(layer.norm_ffn(h))
+    else:
+        h = layer.norm_mix(x + mix(x))
+        expected = layer.norm_ffn(h + layer.ffn(h))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_local_layer_pre_and_post_norm(norm):
+    torch.manual_seed(0)
+    model = SpadeForCausalLM(tiny(norm=norm)).eval()
+    layer = model.backbone.layers[1]
+    assert isinstance(layer, LocalLayer)
+    x = torch.randn(2, 9, 32)
+    if norm == "pre":
+        h = x + layer.attn(layer.norm_mix(x))
+        expected = h + layer.ffn(layer.norm_ffn(h))
+    else:
+        h = layer.norm_mix(x + layer.attn(x))
+        expected = layer.norm_ffn(h + layer.ffn(h))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("combine, norm", [("add", "pre"), ("stack", "pre"), ("concat", "post"),
+                                           ("add", "post"), ("stack", "post")])
+def test_step_equals_forward_for_each_combine_and_norm(combine, norm):
+    torch.manual_seed(0)
+    model = SpadeForCausalLM(tiny(combine=combine, norm=norm)).eval()
+    ids = torch.randint(0, 37, (2, 11))  # longer than the window
+    full = model(ids).logits
+    state = model.initial_state(2)
+    steps = []
+    for t in range(ids.shape[1]):
+        logits, state = model.step(ids[:, t], state)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_combine_changes_the_output():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 37, (1, 9))
+    outs = []
+    for combine in ("concat", "add", "stack"):
+        torch.manual_seed(0)
+        outs.append(SpadeForCausalLM(tiny(combine=combine)).eval()(ids).logits)
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
