@@ -55,8 +55,9 @@ def malloc_policy() -> str:
 def reuse_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (see the module docstring). Process-wide.
 
-    Returns True if this process now reuses freed memory (applied now or by an earlier call),
-    False when ``SPADEFORMER_MALLOC=system`` or when the C library is not glibc.
+    Returns True if this process now reuses freed memory (applied now or by an earlier call:
+    setting ``SPADEFORMER_MALLOC=system`` afterwards cannot undo it), else False (the
+    variable was set before any call, or the C library is not glibc).
     """
     global _applied
     if malloc_policy() == "system":

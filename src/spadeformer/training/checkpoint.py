@@ -161,13 +161,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     npst = state["numpy"]
     np.random.set_state({
         "bit_generator": npst["bit_generator"],
-        "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+        "state": {"key": npst["key"].cpu().numpy().astype(np.uint32), "pos": npst["pos"]},
         "has_gauss": npst["has_gauss"],
         "gauss": npst["gauss"],
     })
-    torch.set_rng_state(state["torch"])
+    # .cpu(): a state file loaded with map_location="cuda" holds these on the GPU, and the
+    # generators take CPU byte tensors only
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ----------------------------------------------------------------------------- manager
