@@ -65,17 +65,12 @@ def test_local_layer_pre_and_post_norm(norm):
 
 @pytest.mark.parametrize("combine, norm", [("add", "pre"), ("stack", "pre"), ("concat", "post"),
                                            ("add", "post"), ("stack", "post")])
-def test_step_equals_forward_for_each_combine_and_norm(combine, norm):
+def test_step_equals_forward_for_each_combine_and_norm(combine, norm, stepwise_logits):
     torch.manual_seed(0)
     model = SpadeForCausalLM(tiny(combine=combine, norm=norm)).eval()
     ids = torch.randint(0, 37, (2, 11))  # longer than the window
-    full = model(ids).logits
-    state = model.initial_state(2)
-    steps = []
-    for t in range(ids.shape[1]):
-        logits, state = model.step(ids[:, t], state)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stepwise_logits(model, ids), model(ids).logits,
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_combine_changes_the_output():

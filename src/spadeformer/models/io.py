@@ -40,14 +40,12 @@ class ModelLoadError(RuntimeError):
 
 
 def _check_map_location(map_location: Any) -> torch.device:
+    from spadeformer.training.distributed import resolve_device
+
     try:
-        device = torch.device(map_location)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"map_location must be a device such as 'cpu', 'cuda' or 'cuda:0', "
-                         f"got {map_location!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"map_location={map_location!r} but CUDA is not available; use 'cpu'")
-    return device
+        return resolve_device(map_location)
+    except ValueError as err:
+        raise ValueError(f"map_location: {err}") from None
 
 
 class PretrainedMixin:
