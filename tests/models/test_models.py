@@ -296,9 +296,21 @@ def test_load_pretrained_weights_moves_a_backbone_between_heads(tmp_path):
     clf = SpadeForSequenceClassification(tiny("spade-s4-window", num_labels=3))
     report = load_pretrained_weights(clf, tmp_path / "lm")
     assert report["fresh"] and all(not n.startswith("backbone.") for n in report["fresh"])
-    assert "lm_head.weight" in report["unused"]
+    assert report["unused"] == []  # the LM head is the embedding (tied), which was used
     for name, tensor in clf.backbone.state_dict().items():
         torch.testing.assert_close(tensor, lm.backbone.state_dict()[name], rtol=0, atol=0)
     wider = SpadeForCausalLM(tiny("spade-s4-window", d_model=16, n_heads=2, d_ff=32))
     with pytest.raises(ValueError, match=r"backbone does not fit this model: backbone\.\S+ is"):
         load_pretrained_weights(wider, tmp_path / "lm")
+
+
+def test_load_pretrained_weights_takes_the_backbone_name_of_tied_tensors(tmp_path):
+    from spadeformer.models import load_pretrained_weights
+
+    untied = SpadeForCausalLM(tiny("transformer-window", tie_embeddings=False))
+    untied.save_pretrained(tmp_path / "untied")
+    tied = SpadeForCausalLM(tiny("transformer-window"))
+    report = load_pretrained_weights(tied, tmp_path / "untied")
+    torch.testing.assert_close(tied.backbone.embed.weight, untied.backbone.embed.weight,
+                               rtol=0, atol=0)  # not the saved output layer
+    assert report["unused"] == ["lm_head.weight"]

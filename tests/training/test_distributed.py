@@ -47,7 +47,7 @@ def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
     for device in ("cuda", "cuda:0", torch.device("cuda", 0)):
         with pytest.raises(ValueError, match="CUDA is not available"):
             D.resolve_device(device)
-    for device in ("gpu", 3):
+    for device in ("gpu", 3.5):
         with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
             D.resolve_device(device)
 

@@ -42,6 +42,8 @@ class ModelLoadError(RuntimeError):
 def _check_map_location(map_location: Any) -> torch.device:
     from spadeformer.training.distributed import resolve_device
 
+    if map_location == "cuda":  # the current CUDA device, as torch reads "cuda" (not cuda:0)
+        map_location = torch.device("cuda")
     try:
         return resolve_device(map_location)
     except ValueError as err:
@@ -144,6 +146,16 @@ def _load_weights(model: torch.nn.Module, weights_path: Path, config_path: Path,
 
 def _load_legacy_weights(model: torch.nn.Module, weights_path: Path, config_path: Path) -> None:
     try:
+        _, file_meta = read_model_weights(weights_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{weights_path} could not be read (truncated or corrupt?): "
+                             f"{err}") from err
+    if "save_id" in file_meta:  # new weights beside an old config: an interrupted overwrite
+        raise ModelLoadError(
+            f"{weights_path} and {config_path} come from different saves (the weights carry "
+            f"save id {file_meta['save_id']!r}, the config none): a save_pretrained was "
+            "interrupted between its two files; save the model again")
+    try:
         missing, unexpected = load_model(model, str(weights_path), strict=False)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(
@@ -188,20 +200,39 @@ def load_pretrained_weights(model: torch.nn.Module, directory: str | os.PathLike
     saved = cls.from_pretrained(path).state_dict()
     target = model.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "fresh": [], "unused": []}
+    # tied names (one storage) are copied once, from the saved tensor of the backbone name
+    # when there is one: an untied saved LM must not put its output layer into the embedding
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in target.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        groups.setdefault(key if tensor.numel() else (name,), []).append(name)
+    used: set[str] = set()
     with torch.no_grad():
-        for name, tensor in target.items():
-            source = saved.get(name)
-            if source is not None and source.shape == tensor.shape:
-                tensor.copy_(source)
-                report["loaded"].append(name)
-            elif name.startswith("backbone."):
-                got = "missing" if source is None else f"shape {tuple(source.shape)}"
+        for names in groups.values():
+            names = sorted(names, key=lambda n: not n.startswith("backbone."))
+            tensor = target[names[0]]
+            source = next((n for n in names if n in saved
+                           and saved[n].shape == tensor.shape), None)
+            if source is None and names[0].startswith("backbone."):
+                got = saved.get(names[0])
+                got = "missing" if got is None else f"shape {tuple(got.shape)}"
                 raise ValueError(
                     f"init_from={str(directory)!r}: its backbone does not fit this model: "
-                    f"{name} is {got} there, {tuple(tensor.shape)} here (the model section "
-                    "must describe the saved model's backbone)"
+                    f"{names[0]} is {got} there, {tuple(tensor.shape)} here (the model section "
+                    "must describe the saved model's backbone, e.g. the same causal setting)"
                 )
-            else:
-                report["fresh"].append(name)
-    report["unused"] = [name for name in saved if name not in target or name in report["fresh"]]
+            if source is None:
+                report["fresh"].extend(names)
+                continue
+            tensor.copy_(saved[source])
+            used.add(source)
+            report["loaded"].extend(names)
+    if not report["loaded"]:
+        raise ValueError(f"init_from={str(directory)!r}: no tensor of it fits this model")
+    def storage(t: torch.Tensor) -> tuple:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+    used_storages = {storage(saved[n]) for n in used if saved[n].numel()}
+    report["unused"] = [name for name, t in saved.items()
+                        if name not in used and not (t.numel() and storage(t) in used_storages)]
     return report
