@@ -314,3 +314,28 @@ def test_load_pretrained_weights_takes_the_backbone_name_of_tied_tensors(tmp_pat
     torch.testing.assert_close(tied.backbone.embed.weight, untied.backbone.embed.weight,
                                rtol=0, atol=0)  # not the saved output layer
     assert report["unused"] == ["lm_head.weight"]
+
+
+def test_interrupted_save_over_an_old_directory_is_refused(tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import save_model
+
+    import spadeformer.models.io as io
+
+    old = SpadeForCausalLM(tiny("transformer-window"))
+    d = tmp_path / "old"
+    d.mkdir()
+    save_model(old, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(
+        {"model_class": "SpadeForCausalLM", "config": old.config.to_dict()}))
+
+    def killed(path, write):  # dies before config.json is replaced
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        SpadeForCausalLM(tiny("transformer-window")).save_pretrained(d)
+    monkeypatch.undo()
+    with pytest.raises(ModelLoadError, match="different saves"):
+        SpadeForCausalLM.from_pretrained(d)

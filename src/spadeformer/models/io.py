@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 
 from spadeformer.fileio import atomic_write
@@ -116,26 +116,38 @@ class PretrainedMixin:
         model = cls(config)
         if dtype is not None:
             model.to(dtype)
+        _check_same_save(weights_path, config_path, meta.get("save_id"))
         if "save_id" in meta:
-            _load_weights(model, weights_path, config_path, meta["save_id"])
+            _load_weights(model, weights_path, config_path)
         else:  # saved before the save_id: safetensors' save_model layout
             _load_legacy_weights(model, weights_path, config_path)
         return model.to(map_location)
 
 
-def _load_weights(model: torch.nn.Module, weights_path: Path, config_path: Path,
-                  save_id: str) -> None:
+def _check_same_save(weights_path: Path, config_path: Path, save_id: str | None) -> None:
+    """Refuse weights and config of different saves (an overwrite interrupted between its two
+    files, also over a directory saved before the save_id: then the config has none). Reads
+    only the weights file's header."""
     try:
-        tensors, file_meta = read_model_weights(weights_path)
+        with safe_open(str(weights_path), framework="pt") as f:
+            weights_id = (f.metadata() or {}).get("save_id")
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{weights_path} could not be read (truncated or corrupt?): "
+                             f"{err}") from err
+    if weights_id != save_id:
+        raise ModelLoadError(
+            f"{weights_path} and {config_path} come from different saves (save ids "
+            f"{weights_id!r} and {save_id!r}): a save_pretrained was interrupted between its "
+            "two files; save the model again"
+        )
+
+
+def _load_weights(model: torch.nn.Module, weights_path: Path, config_path: Path) -> None:
+    try:
+        tensors, _ = read_model_weights(weights_path)
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(f"{weights_path} could not be read (truncated or corrupt?): "
                              f"{err}") from err
-    if file_meta.get("save_id") != save_id:
-        raise ModelLoadError(
-            f"{weights_path} and {config_path} come from different saves (save ids "
-            f"{file_meta.get('save_id')!r} and {save_id!r}): a save_pretrained was interrupted "
-            "between its two files; save the model again"
-        )
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as err:
@@ -145,16 +157,6 @@ def _load_weights(model: torch.nn.Module, weights_path: Path, config_path: Path,
 
 
 def _load_legacy_weights(model: torch.nn.Module, weights_path: Path, config_path: Path) -> None:
-    try:
-        _, file_meta = read_model_weights(weights_path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelLoadError(f"{weights_path} could not be read (truncated or corrupt?): "
-                             f"{err}") from err
-    if "save_id" in file_meta:  # new weights beside an old config: an interrupted overwrite
-        raise ModelLoadError(
-            f"{weights_path} and {config_path} come from different saves (the weights carry "
-            f"save id {file_meta['save_id']!r}, the config none): a save_pretrained was "
-            "interrupted between its two files; save the model again")
     try:
         missing, unexpected = load_model(model, str(weights_path), strict=False)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
