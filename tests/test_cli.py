@@ -36,7 +36,10 @@ def test_every_subcommand_has_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
     assert exit_info.value.code == 0
-    assert "usage: spadeformer" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "usage: spadeformer" in text
+    # every shown default is something the option accepts as typed: no list reprs, no "None"
+    assert "(default: [" not in text and "None" not in text
 
 
 def test_unknown_key_names_the_closest(capsys, tmp_path):
@@ -209,6 +212,22 @@ def test_generate_checks_sampling_arguments_before_echoing_the_prompt(tmp_path):
     with pytest.raises(ValueError, match="top_p must be None or a number in"):
         generate_text(str(tmp_path / "no-run"), "hello", top_p=0.0, stream=out, echo_prompt=True)
     assert out.getvalue() == ""
+
+
+def test_generate_checks_learned_positions_before_echoing_the_prompt(tmp_path, corpus_root):
+    import io
+
+    from spadeformer.cli import generate_text
+
+    run = tmp_path / "learned"
+    assert main(["train", "--out", str(run), f"data.root={corpus_root}", *TINY,
+                 "model.position=learned", "model.max_position=32", "train.steps=1",
+                 "train.eval_every=1", "train.save_every=1"]) == 0
+    out = io.StringIO()
+    with pytest.raises(ValueError, match="needs 39 decoding steps.*at most 32"):
+        generate_text(str(run), "0123456789", max_new_tokens=30, stream=out, echo_prompt=True)
+    assert out.getvalue() == ""
+    assert generate_text(str(run), "0123456789", max_new_tokens=23, temperature=0)  # 32 steps
 
 
 def test_init_from_starts_a_fresh_run_from_saved_weights(tmp_path, corpus_root, capsys):

@@ -196,6 +196,12 @@ def test_sampling_helpers_check_their_arguments():
     assert filter_logits(logits, top_k=np.int64(3)).isfinite().sum(-1).tolist() == [3, 3]
     out = generate(tiny_lm(), torch.tensor([[1, 2]]), np.int64(2), top_k=np.int32(5), seed=0)
     assert out.shape == (1, 4)
+    # numpy floats are numbers too (a value read from an array or a config)
+    out = generate(tiny_lm(), torch.tensor([[1, 2]]), 2, temperature=np.float32(0.7),
+                   top_p=np.float32(0.9), seed=0)
+    assert out.shape == (1, 4)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(logits, temperature=True)
 
 
 def test_a_tiny_temperature_samples_the_argmax():

@@ -32,10 +32,10 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     starting point (overrides may then change train and data settings, with a warning); the
     model must stay the run's.
     """
+    from spadeformer.fileio import atomic_write
     from spadeformer.models import load_pretrained_weights
     from spadeformer.runconfig import build_model_config, load_run_config
     from spadeformer.tasks import get_task
-    from spadeformer.training.checkpoint import atomic_write
     from spadeformer.training.trainer import TrainConfig, Trainer, seed_everything
 
     saved = _saved_run_config(out) if resume and out is not None else None
@@ -248,7 +248,7 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
     (after the prompt itself with ``echo_prompt``, once the run and prompt are checked)."""
     import torch
 
-    from spadeformer.generation import check_generate_args, generate
+    from spadeformer.generation import check_decoding_length, check_generate_args, generate
 
     check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
     _, source, model = _load_run(run)
@@ -262,6 +262,7 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
     prompt_ids = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long)
     if prompt_ids.shape[1] == 0:
         raise ValueError("prompt must not be empty")
+    check_decoding_length(model, prompt_ids.shape[1], max_new_tokens)
     out = bytearray()
     decoder = _Utf8Stream(stream)
     if echo_prompt and stream is not None:
@@ -331,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="which split to score")
     p.add_argument("--max-batches", type=int, default=None,
-                   help="score only this many batches (None = the whole split)")
+                   help="score only this many batches (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="evaluation batch size (None = the run's train.batch_size; "
-                        "WikiText-103: windows per batch, None = 1)")
+                   help="evaluation batch size (default: the run's train.batch_size; "
+                        "WikiText-103: windows per batch, default 1)")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM",
                        formatter_class=HelpFormatter,
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most likely bytes only (None = all)")
+                   help="sample among the k most likely bytes only (default: all)")
     p.add_argument("--top-p", type=float, default=0.95,
                    help="nucleus: the smallest set of bytes with this much mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")

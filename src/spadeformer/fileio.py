@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_write", "atomic_write_all", "fsync_dir", "fsync_file"]
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -40,13 +40,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Create or replace ``path`` atomically: ``write(tmp)`` fills a temp file in the same
     directory, which is fsynced and then ``os.replace``-d over ``path``. On any error the temp
     file is removed and ``path`` is untouched."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(files: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
+    """:func:`atomic_write` for several files that belong together (a model's config and
+    weights): every temp file is filled and fsynced before the first rename, so a crash while
+    writing (the slow part) leaves all old files in place. Only a crash between the renames,
+    microseconds apart, can leave some files new and some old; readers that must tell (see
+    ``save_id`` in :mod:`spadeformer.models.io`) tie the files together by a shared id."""
+    temps: list[tuple[Path, Path]] = []
     try:
-        write(str(tmp))
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        for path, write in files:
+            path = Path(path)
+            tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            temps.append((tmp, path))
+            write(str(tmp))
+            fsync_file(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    for parent in dict.fromkeys(path.parent for _, path in temps):
+        fsync_dir(parent)

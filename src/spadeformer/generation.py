@@ -11,16 +11,19 @@ token by token through the same ``step()``, which is exact by construction.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["check_generate_args", "filter_logits", "generate", "sample_next"]
+__all__ = ["check_decoding_length", "check_generate_args", "filter_logits", "generate",
+           "sample_next"]
 
 
 def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
+    """A real number (numpy scalars too), not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
 def _as_int(value) -> int | None:
@@ -58,6 +61,19 @@ def check_generate_args(max_new_tokens, temperature, top_k, top_p, seed=None) ->
         value = _as_int(seed)
         if value is None or not -(2**63) <= value < 2**64:  # what torch.Generator takes
             raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
+
+
+def check_decoding_length(model, prompt_length: int, max_new_tokens: int) -> None:
+    """Raise ValueError when ``model.max_steps`` (learned positions; None or absent = no
+    limit) cannot hold the prompt plus ``max_new_tokens`` (the last token is never stepped)."""
+    steps = prompt_length + max(int(max_new_tokens) - 1, 0)
+    limit = getattr(model, "max_steps", None)
+    if limit is not None and steps > limit:
+        raise ValueError(
+            f"prompt length {prompt_length} + max_new_tokens={max_new_tokens} needs "
+            f"{steps} decoding steps, but the model takes at most {limit} (learned positions: "
+            f"max_position={limit}); shorten the prompt or ask for fewer tokens"
+        )
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None,
@@ -111,14 +127,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"input_ids must have shape (batch, prompt_length >= 1), got {got}")
-    steps = input_ids.shape[1] + max(int(max_new_tokens) - 1, 0)  # the last token is not stepped
-    limit = getattr(model, "max_steps", None)
-    if limit is not None and steps > limit:
-        raise ValueError(
-            f"prompt length {input_ids.shape[1]} + max_new_tokens={max_new_tokens} needs "
-            f"{steps} decoding steps, but the model takes at most {limit} (learned positions: "
-            f"max_position={limit}); shorten the prompt or ask for fewer tokens"
-        )
+    check_decoding_length(model, input_ids.shape[1], max_new_tokens)
     was_training = model.training
     model.eval()
     try:

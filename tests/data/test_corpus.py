@@ -1,5 +1,6 @@
 import hashlib
 import math
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -136,9 +137,23 @@ def test_block_dataset_shapes_and_shift():
     for bad, match in [(torch.tensor([300, 1, 2, 3, 4, 5]), r"0..255, got torch.int64 .*300\]"),
                        (torch.tensor([-1, 1, 2, 3, 4, 5]), r"\[-1, 5\]"),
                        (torch.rand(10), "integer byte values, got torch.float32"),
-                       (torch.rand(10).numpy(), "integer byte values, got a numpy float32")]:
+                       (torch.rand(10).numpy(), "integer byte values, got a numpy float32"),
+                       (np.array([1, 2, 3, 4, 256, 5], dtype=np.uint16), r"numpy uint16 .*256\]")]:
         with pytest.raises(ValueError, match=match):
             BlockDataset(bad, seq_len=4)
+
+
+def test_block_dataset_shares_a_uint8_memmap(tmp_path):
+    # A corpus larger than RAM arrives as a read-only uint8 memmap: it is read in place (no
+    # int64 copy at 8x its size) and without torch's "not writable" warning.
+    path = tmp_path / "ids.bin"
+    np.arange(200, dtype=np.uint8).tofile(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = BlockDataset(mm, seq_len=9)
+    assert ds.data.data_ptr() == mm.ctypes.data  # same buffer, not a copy
+    assert ds.get_batch([1])["labels"].tolist() == [list(range(10, 19))]
 
 
 def test_sampler_is_a_function_of_seed_and_position():

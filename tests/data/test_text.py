@@ -64,6 +64,11 @@ def test_general_folder_per_class_layout_sorted_ids(tmp_path):
     assert sub.classes == ["apple", "zebra"] and len(sub) == 2
     write(tmp_path / "data" / ".ipynb_checkpoints" / "x.txt", "n")  # hidden: not a class
     assert ByteTextClassificationDataset(tmp_path / "data", split=None).classes == ds.classes
+    # hidden files are no documents: an empty .keep.txt, a macOS ._x.txt that is not UTF-8
+    write(tmp_path / "data" / "apple" / ".keep.txt", "")
+    (tmp_path / "data" / "apple" / "._x.txt").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    (tmp_path / "data" / "apple" / "sub.txt").mkdir()  # a folder is no document either
+    assert ByteTextClassificationDataset(tmp_path / "data", split=None).files == ds.files
 
 
 def test_collate_pads_documents(aclimdb):

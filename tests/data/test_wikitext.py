@@ -109,6 +109,28 @@ def test_cache_follows_the_source_file_not_its_name(wiki, tmp_path):
     assert not [p for p in cache.iterdir() if ".tmp-" in p.name]  # atomic writes left nothing
 
 
+def test_cache_is_keyed_on_content(wiki, tmp_path):
+    import os
+
+    vocab = WordVocab.build(wiki / "wiki.train.tokens")
+    cache, src = tmp_path / "cache", wiki / "wiki.valid.tokens"
+    src.write_text("the cat\n")
+    os.utime(src, (1e9, 1e9))
+    encode_file(src, vocab, cache_dir=cache)
+    # same size and modification time, other words (cp -p of another file): encoded afresh
+    src.write_text("cat the\n")
+    os.utime(src, (1e9, 1e9))
+    assert encode_file(src, vocab, cache_dir=cache).tolist() == encode_file(src, vocab).tolist()
+    # touched or moved, same bytes: the ids already cached are reused, no new file
+    before = sorted(p.name for p in cache.iterdir())
+    os.utime(src)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.replace(src, moved / src.name)
+    encode_file(moved / src.name, vocab, cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == before and len(before) == 2
+
+
 def test_load_wikitext103_builds_then_reuses_vocab(wiki, tmp_path):
     vocab, streams = load_wikitext103(wiki, vocab_path=tmp_path / "v.json")
     assert (tmp_path / "v.json").is_file() and set(streams) == {"train", "valid", "test"}

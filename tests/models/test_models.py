@@ -186,20 +186,51 @@ def test_save_into_a_directory_keeps_its_other_files(tmp_path):
         model.save_pretrained(tmp_path / "notes.txt")
 
 
-def test_interrupted_save_is_refused_on_load(tmp_path, monkeypatch):
-    import spadeformer.models.io as io
+def _die_between_renames(monkeypatch):
+    """Make the process 'die' right after the first os.replace of a save (new weights in
+    place, config.json still the old one)."""
+    import spadeformer.fileio as fileio
+
+    real_replace = fileio.os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace_then_die)
+
+
+def test_save_interrupted_while_writing_keeps_the_old_model(tmp_path, monkeypatch):
+    import safetensors.torch
 
     old = SpadeForCausalLM(tiny("transformer-window"))
     old.save_pretrained(tmp_path / "m")
-    new = SpadeForCausalLM(tiny("transformer-window"))
 
-    def killed(path, write):  # the process dies before config.json is replaced
+    def killed(*args, **kwargs):  # the process dies while writing the new weights
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(io, "atomic_write", killed)
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        SpadeForCausalLM(tiny("transformer-window")).save_pretrained(tmp_path / "m")
+    monkeypatch.undo()
+    loaded = SpadeForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.backbone.embed.weight, old.backbone.embed.weight)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json",
+                                                                  "model.safetensors"]
+
+
+def test_interrupted_save_is_refused_on_load(tmp_path, monkeypatch):
+    old = SpadeForCausalLM(tiny("transformer-window"))
+    old.save_pretrained(tmp_path / "m")
+    new = SpadeForCausalLM(tiny("transformer-window"))
+    _die_between_renames(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         new.save_pretrained(tmp_path / "m")
     monkeypatch.undo()
+    assert not [p for p in (tmp_path / "m").iterdir() if ".tmp-" in p.name]
     with pytest.raises(ModelLoadError, match="different saves"):
         SpadeForCausalLM.from_pretrained(tmp_path / "m")
     new.save_pretrained(tmp_path / "m")
@@ -300,8 +331,13 @@ def test_load_pretrained_weights_moves_a_backbone_between_heads(tmp_path):
     for name, tensor in clf.backbone.state_dict().items():
         torch.testing.assert_close(tensor, lm.backbone.state_dict()[name], rtol=0, atol=0)
     wider = SpadeForCausalLM(tiny("spade-s4-window", d_model=16, n_heads=2, d_ff=32))
-    with pytest.raises(ValueError, match=r"backbone does not fit this model: backbone\.\S+ is"):
+    with pytest.raises(ValueError, match=r"backbone does not fit this model: backbone\.\S+ is"
+                       r".*differs in d_model \(32 there, 16 here\), n_heads .*d_ff \(64 there"):
         load_pretrained_weights(wider, tmp_path / "lm")
+    # an LM's causal S4 backbone under a bidirectional classifier: the message says so
+    bidirectional = SpadeForSequenceClassification(tiny("spade-s4-window", causal=False))
+    with pytest.raises(ValueError, match=r"differs in causal \(True there, False here\)\)$"):
+        load_pretrained_weights(bidirectional, tmp_path / "lm")
 
 
 def test_load_pretrained_weights_takes_the_backbone_name_of_tied_tensors(tmp_path):
@@ -321,19 +357,13 @@ def test_interrupted_save_over_an_old_directory_is_refused(tmp_path, monkeypatch
 
     from safetensors.torch import save_model
 
-    import spadeformer.models.io as io
-
     old = SpadeForCausalLM(tiny("transformer-window"))
     d = tmp_path / "old"
     d.mkdir()
     save_model(old, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(
         {"model_class": "SpadeForCausalLM", "config": old.config.to_dict()}))
-
-    def killed(path, write):  # dies before config.json is replaced
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(io, "atomic_write", killed)
+    _die_between_renames(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         SpadeForCausalLM(tiny("transformer-window")).save_pretrained(d)
     monkeypatch.undo()

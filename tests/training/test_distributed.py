@@ -52,6 +52,20 @@ def test_resolve_device_refuses_cuda_without_cuda(monkeypatch):
             D.resolve_device(device)
 
 
+def test_resolve_device_refuses_a_cuda_index_beyond_the_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert D.resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    for device in ("cuda:2", torch.device("cuda", 5)):
+        with pytest.raises(ValueError, match="has 2 CUDA device"):
+            D.resolve_device(device)
+    from spadeformer.bench import machine  # the benchmarks parse devices the same way
+
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        machine.resolve_device("cuda:3")
+
+
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     """torchrun with 2 CPU ranks (gloo) and the same global batch reproduces the 1-process
     losses to float32 rounding (each rank averages its half; DDP averages the gradients)."""

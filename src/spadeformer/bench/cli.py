@@ -97,10 +97,10 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         description="One training step (forward, backward, AdamW) per model and length, each "
                     "cell in a fresh subprocess. Writes train.csv, train.png, train_table.md.")
-    p.add_argument("--lengths", type=_int_list, default=_int_list(DEFAULT_LENGTHS),
+    p.add_argument("--lengths", type=_int_list, default=DEFAULT_LENGTHS,
                    help="comma-separated sequence lengths")
-    p.add_argument("--models", type=_name_list, default=list(MODELS),
-                   help=f"comma-separated, from {','.join(MODELS)}")
+    p.add_argument("--models", type=_name_list, default=",".join(MODELS),
+                   help="comma-separated model names; the default runs all of them")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per cell (with --interleave: untimed rounds of all "
                         "models; 2 lets the shared heap settle, see benchmarks/README.md)")
@@ -133,9 +133,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         description="Streaming decoding after a context of N tokens, one subprocess per "
                     "model. Writes generate.csv, generate.png, generate_table.md.")
-    p.add_argument("--contexts", type=_int_list, default=_int_list(DEFAULT_CONTEXTS),
+    p.add_argument("--contexts", type=_int_list, default=DEFAULT_CONTEXTS,
                    help="comma-separated context lengths")
-    p.add_argument("--models", type=_name_list, default=["spade-s4-window", "transformer-full"],
+    p.add_argument("--models", type=_name_list, default="spade-s4-window,transformer-full",
                    help=f"comma-separated, from {','.join(GENERATE_MODELS)}")
     p.add_argument("--tokens", type=int, default=32, help="timed tokens per context (median)")
     p.add_argument("--warmup", type=int, default=4, help="untimed tokens per context")

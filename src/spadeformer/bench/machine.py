@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+# one device parser for the library: the benchmarks accept what training accepts
+from spadeformer.training.distributed import resolve_device
+
 __all__ = [
     "available_memory_mb",
     "current_rss_mb",
@@ -37,16 +40,6 @@ MB = 1024.0 * 1024.0
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here")
-    return torch.device(device)
 
 
 def peak_rss_mb() -> float:

@@ -23,6 +23,7 @@ import math
 import os
 import sysconfig
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -171,6 +172,27 @@ def unigram_bpb_ref(train: bytes, data: bytes) -> float:
     return -sum(math.log2((counts[b] + 1) / total) for b in data) / len(data)
 
 
+def _numpy_bytes_to_tensor(data: np.ndarray) -> torch.Tensor:
+    """A numpy array of byte values as a uint8 tensor. A uint8 array (e.g. a memmap of a
+    corpus larger than RAM) is shared, not copied; other integer dtypes are range-checked
+    and narrowed to one byte per value (never widened to int64 first)."""
+    if data.dtype.kind not in "ui":
+        raise ValueError(f"data must hold integer byte values, got a numpy {data.dtype}")
+    if data.dtype != np.uint8:
+        if data.size and (int(data.min()) < 0 or int(data.max()) > 255):
+            raise ValueError(f"data must hold byte values 0..255, got numpy {data.dtype} "
+                             f"values in [{int(data.min())}, {int(data.max())}]")
+        data = data.astype(np.uint8)
+    data = np.ascontiguousarray(data)
+    if not data.flags.writeable:
+        # A read-only memmap: torch warns that writes would be undefined; this dataset only
+        # ever reads its bytes, so share the buffer instead of copying it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.from_numpy(data)
+    return torch.from_numpy(data)
+
+
 class BlockDataset(Dataset):
     """Contiguous blocks of ``seq_len + 1`` bytes: ``input_ids`` = the first ``seq_len``,
     ``labels`` = the next byte at each position (already shifted; int64, shape (seq_len,)).
@@ -185,9 +207,7 @@ class BlockDataset(Dataset):
         if isinstance(data, bytes | bytearray):
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         elif isinstance(data, np.ndarray):
-            if data.dtype.kind not in "ui":
-                raise ValueError(f"data must hold integer byte values, got a numpy {data.dtype}")
-            data = torch.from_numpy(np.ascontiguousarray(data).astype(np.int64, copy=False))
+            data = _numpy_bytes_to_tensor(data)
         if not isinstance(data, torch.Tensor) or data.dim() != 1:
             raise ValueError(f"data must be a 1-d byte tensor, got {type(data).__name__} "
                              f"of shape {tuple(getattr(data, 'shape', ()))}")
@@ -207,7 +227,7 @@ class BlockDataset(Dataset):
         if data.numel() < seq_len + 1:
             raise ValueError(f"data has {data.numel()} bytes, fewer than one block of "
                              f"seq_len + 1 = {seq_len + 1}")
-        self.data = data.to(torch.uint8)
+        self.data = data if data.dtype == torch.uint8 else data.to(torch.uint8)
         self.seq_len = seq_len
         self.stride = stride
         self._len = (data.numel() - (seq_len + 1)) // stride + 1

@@ -85,7 +85,9 @@ class ByteTextClassificationDataset(Dataset):
         labels: list[int] = []
         for label, name in enumerate(self.classes):
             folder = require_dir(base / name, _LAYOUT)
-            files = sorted(folder.glob(pattern))
+            # hidden files (macOS ._x.txt resource forks, .keep) are no documents
+            files = sorted(f for f in folder.glob(pattern)
+                           if f.is_file() and not f.name.startswith("."))
             if not files:
                 raise FileNotFoundError(f"{folder} holds no {pattern} files; expected {_LAYOUT}")
             for f in files:

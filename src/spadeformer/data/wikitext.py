@@ -127,16 +127,15 @@ def encode_file(path: str | os.PathLike, vocab: WordVocab,
 
     With ``cache_dir``, the ids are saved there (atomically) and read back on later calls
     (encoding WikiText-103's training file takes about a minute). The cache file's name holds
-    the vocabulary's fingerprint and a hash of the source's resolved path, size and
-    modification time, so another file of the same name, or the file replaced, is encoded
-    afresh.
+    the vocabulary's fingerprint and a hash of the source's bytes (~1 s for WikiText-103's
+    540 MB), so another file of the same name, or the file edited, is encoded afresh, while a
+    touched, copied or moved file reuses its ids (no second copy of them on disk).
     """
     path = require_file(path, _LAYOUT)
     cache = None
     if cache_dir is not None:
-        st = path.stat()
-        source = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        key = hashlib.sha1(source.encode("utf-8")).hexdigest()[:12]
+        with open(path, "rb") as f:
+            key = hashlib.file_digest(f, "sha1").hexdigest()[:16]
         cache = Path(cache_dir) / f"{path.name}.{vocab.fingerprint()}.{key}.npy"
         if cache.is_file():
             return np.load(cache, allow_pickle=False)

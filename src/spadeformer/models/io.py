@@ -5,16 +5,18 @@ Layout of a saved model directory::
     config.json         {"model_class": "SpadeForCausalLM", "config": {...}, "save_id": "..."}
     model.safetensors   the weights (tied tensors stored once), its metadata holds the save_id
 
-Saving replaces the two files inside the directory, each atomically (temp file, fsync,
-rename), weights first; other files in the directory are left alone. Both files carry the same
-random ``save_id``, so a save interrupted between the two renames (new weights beside the old
-config) is refused on load instead of loading mismatched halves. Loading never unpickles:
+Saving writes both files to temp files in the directory, fsyncs them, then renames them over
+the old ones, weights first; other files in the directory are left alone. A save interrupted
+while writing leaves the old model whole. Both files carry the same random ``save_id``, so a
+save interrupted between the two renames (new weights beside the old config) is refused on
+load instead of loading mismatched halves. Loading never unpickles:
 safetensors only holds tensors, config.json only JSON. Directories saved before the save_id
 existed (safetensors' ``save_model`` layout) still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -25,8 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model
 
-from spadeformer.fileio import atomic_write
-from spadeformer.training.checkpoint import read_model_weights, save_model_weights
+from spadeformer.fileio import atomic_write_all
+from spadeformer.training.checkpoint import read_model_weights, write_model_weights_file
 
 __all__ = ["PretrainedMixin", "CONFIG_NAME", "WEIGHTS_NAME", "ModelLoadError",
            "load_pretrained_weights"]
@@ -73,11 +75,14 @@ class PretrainedMixin:
             raise NotADirectoryError(f"directory={str(target)!r} exists and is not a directory")
         target.mkdir(parents=True, exist_ok=True)
         save_id = uuid.uuid4().hex
-        save_model_weights(self, target / WEIGHTS_NAME, metadata={"save_id": save_id})
         meta = {"model_class": type(self).__name__, "config": self.config.to_dict(),
                 "save_id": save_id}
         text = json.dumps(meta, indent=2, sort_keys=True)
-        atomic_write(target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_all([
+            (target / WEIGHTS_NAME,
+             lambda tmp: write_model_weights_file(self, tmp, {"save_id": save_id})),
+            (target / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text)),
+        ])
         return target
 
     @classmethod
@@ -175,6 +180,23 @@ def _check_keys(missing, unexpected, weights_path: Path, config_path: Path) -> N
         )
 
 
+# Config fields that shape no backbone tensor: they may differ between a saved model and the
+# model it initialises (another head, another dropout) without being the reason it does not fit.
+_HEAD_OR_TRAINING_FIELDS = {"dropout", "attention_dropout", "adaptive_dropout", "num_labels",
+                            "pooling", "pad_token_id", "tie_embeddings"}
+
+
+def _backbone_differences(saved_model: torch.nn.Module, model: torch.nn.Module) -> str:
+    """"it differs in causal (True there, False here), ..." over the backbone's config fields."""
+    saved_cfg, cfg = getattr(saved_model, "config", None), getattr(model, "config", None)
+    if not (dataclasses.is_dataclass(saved_cfg) and dataclasses.is_dataclass(cfg)):
+        return "this model has no config to compare"
+    theirs, ours = dataclasses.asdict(saved_cfg), dataclasses.asdict(cfg)
+    diffs = [f"{k} ({theirs[k]!r} there, {ours.get(k)!r} here)" for k in theirs
+             if k not in _HEAD_OR_TRAINING_FIELDS and theirs[k] != ours.get(k)]
+    return "it differs in " + ", ".join(diffs) if diffs else "the configs agree"
+
+
 def load_pretrained_weights(model: torch.nn.Module, directory: str | os.PathLike
                             ) -> dict[str, list[str]]:
     """Start ``model`` from a saved model's weights (fine-tuning): see the returned report.
@@ -199,7 +221,8 @@ def load_pretrained_weights(model: torch.nn.Module, directory: str | os.PathLike
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ModelLoadError(f"{path / CONFIG_NAME} is not a valid spadeformer config: "
                              f"{err!r}") from err
-    saved = cls.from_pretrained(path).state_dict()
+    saved_model = cls.from_pretrained(path)
+    saved = saved_model.state_dict()
     target = model.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "fresh": [], "unused": []}
     # tied names (one storage) are copied once, from the saved tensor of the backbone name
@@ -221,7 +244,8 @@ def load_pretrained_weights(model: torch.nn.Module, directory: str | os.PathLike
                 raise ValueError(
                     f"init_from={str(directory)!r}: its backbone does not fit this model: "
                     f"{names[0]} is {got} there, {tuple(tensor.shape)} here (the model section "
-                    "must describe the saved model's backbone, e.g. the same causal setting)"
+                    "must describe the saved model's backbone; "
+                    f"{_backbone_differences(saved_model, model)})"
                 )
             if source is None:
                 report["fresh"].extend(names)

@@ -48,6 +48,7 @@ __all__ = [
     "read_model_weights",
     "restore_rng_state",
     "save_model_weights",
+    "write_model_weights_file",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -95,7 +96,9 @@ def _dedupe_state_dict(
     return {k: v.cpu().contiguous() for k, v in out.items()}, aliases
 
 
-def _write_weights(model: nn.Module, filename: str, metadata: dict[str, str] | None) -> None:
+def write_model_weights_file(model: nn.Module, filename: str,
+                             metadata: dict[str, str] | None = None) -> None:
+    """Write the weights to ``filename`` as it is (not atomic: callers write a temp file)."""
     tensors, aliases = _dedupe_state_dict(model.state_dict())
     meta = {**(metadata or {}), "format": _FORMAT,
             "aliases": json.dumps(aliases, sort_keys=True)}
@@ -107,7 +110,7 @@ def save_model_weights(model: nn.Module, path: str | os.PathLike,
                        metadata: dict[str, str] | None = None) -> None:
     """Write ``model.state_dict()`` to ``path`` with ``safetensors.torch.save_file`` (atomic).
     Tied / shared tensors are stored once and restored by :func:`load_model_weights`."""
-    atomic_write(path, lambda tmp: _write_weights(model, tmp, metadata))
+    atomic_write(path, lambda tmp: write_model_weights_file(model, tmp, metadata))
 
 
 def read_model_weights(
@@ -213,7 +216,7 @@ class CheckpointManager:
         tmp.mkdir()
         try:
             model_file, state_file = tmp / MODEL_FILE, tmp / STATE_FILE
-            _write_weights(model, str(model_file), {"step": str(step)})
+            write_model_weights_file(model, str(model_file), {"step": str(step)})
             fsync_file(model_file)
             torch.save({**state, "step": step}, str(state_file))
             fsync_file(state_file)

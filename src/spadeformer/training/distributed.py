@@ -89,6 +89,9 @@ def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> 
                              f"got {device!r}") from None
     if out.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+    if out.type == "cuda" and out.index is not None and out.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s), numbered from 0")
     return out
 
 
