@@ -112,6 +112,11 @@ class SpadeConfig:
     num_labels: int = 2  # classification / retrieval heads
     pooling: str = "mean"
     pad_token_id: int | None = None  # classifier / retrieval: this id is padding (no mask given)
+    # Encoder-decoder (SpadeForConditionalGeneration, paper Sec. 5.1): the layers above are the
+    # encoder; the decoder has n_decoder_layers (None = n_layers) T5 decoder layers and starts
+    # every output from decoder_start_token_id (T5: the pad id 0).
+    n_decoder_layers: int | None = None
+    decoder_start_token_id: int = 0
     # Adaptive input + adaptive softmax (Baevski & Auli 2019; the paper's WikiText-103 model,
     # Sec. 4.2): None = one plain embedding table; else the vocabulary band boundaries, ids
     # sorted by frequency. Band i is d_model // adaptive_factor**i wide. With tie_embeddings the
@@ -189,6 +194,14 @@ class SpadeConfig:
         ):
             raise ValueError(f"pad_token_id must be None or an integer in [0, vocab_size="
                              f"{self.vocab_size}), got {self.pad_token_id!r}")
+        if self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
+        _positive_int("n_decoder_layers", self.n_decoder_layers)
+        if isinstance(self.decoder_start_token_id, bool) or not isinstance(
+            self.decoder_start_token_id, int
+        ) or not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise ValueError(f"decoder_start_token_id must be an integer in [0, vocab_size="
+                             f"{self.vocab_size}), got {self.decoder_start_token_id!r}")
         _probability("adaptive_dropout", self.adaptive_dropout)
         if isinstance(self.adaptive_cutoffs, (list, tuple)):  # own copy: presets share lists
             self.adaptive_cutoffs = list(self.adaptive_cutoffs)

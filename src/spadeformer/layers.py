@@ -14,9 +14,12 @@ two other modes. With no attention (``attention=None``) the layer is a plain SSM
 Post-LN (``norm="post"``, the paper's encoder-decoder) moves each LayerNorm after its residual
 sum: X_a = LN(X + mix(X)), Y = LN(X_a + FFN(X_a)).
 
-Every layer supports ``forward(x, padding_mask)`` and, when causal, ``initial_state`` /
-``step`` for streaming decoding (SSM state + attention cache, both of fixed size for window or
-chunk attention).
+DecoderLayer is the encoder-decoder's T5 decoder layer: causal self-attention, cross-attention
+over the encoder output, feed-forward.
+
+LocalLayer and GlobalLayer support ``forward(x, padding_mask)`` and, when causal,
+``initial_state`` / ``step`` for streaming decoding (SSM state + attention cache, both of fixed
+size for window or chunk attention).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import torch
 from torch import nn
 
 from spadeformer.attention import Attention
+from spadeformer.cross_attention import CrossAttention, MemoryKV
 from spadeformer.ssm.base import GlobalExtractor
 
-__all__ = ["FeedForward", "LocalLayer", "GlobalLayer"]
+__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer"]
 
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
@@ -181,6 +185,59 @@ class GlobalLayer(_Block):
 
         y = self._residual(x_t, mix)
         return y, (box["ssm"], box["attn"])
+
+
+class DecoderLayer(_Block):
+    """A Transformer decoder layer (T5, the paper's encoder-decoder, Sec. 5.1): causal
+    self-attention, cross-attention over the encoder output, feed-forward, each in a residual
+    (pre-LN: X = X + f(LN(X)); post-LN: X = LN(X + f(X))).
+
+    forward: x (batch, T, d_model), memory_kv (the cross-attention's projected encoder output,
+    :meth:`CrossAttention.project_memory`) -> (batch, T, d_model).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, self_attention: Attention,
+                 cross_attention: CrossAttention, dropout: float = 0.0, norm: str = "pre"):
+        super().__init__(d_model, d_ff, dropout, norm)
+        if not self_attention.causal:
+            raise ValueError("DecoderLayer needs a causal self_attention (causal=True)")
+        self.attn = self_attention
+        self.cross_attn = cross_attention
+        self.norm_cross = nn.LayerNorm(d_model)
+
+    def _cross(self, x: torch.Tensor, memory_kv: MemoryKV) -> torch.Tensor:
+        if self.norm_placement == "pre":
+            return x + self.dropout(self.cross_attn.attend(self.norm_cross(x), memory_kv))
+        return self.norm_cross(x + self.dropout(self.cross_attn.attend(x, memory_kv)))
+
+    def _sublayers(self, x: torch.Tensor, self_mix, memory_kv: MemoryKV) -> torch.Tensor:
+        """Self-attention, cross-attention, feed-forward, each with its residual and norm."""
+        if self.norm_placement == "pre":
+            x = x + self.dropout(self_mix(self.norm_mix(x)))
+            x = self._cross(x, memory_kv)
+            return x + self.ffn(self.norm_ffn(x))
+        x = self.norm_mix(x + self.dropout(self_mix(x)))
+        x = self._cross(x, memory_kv)
+        return self.norm_ffn(x + self.ffn(x))
+
+    def forward(self, x: torch.Tensor, memory_kv: MemoryKV) -> torch.Tensor:
+        """x (batch, T, d_model) -> (batch, T, d_model)."""
+        return self._sublayers(x, self.attn, memory_kv)
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> Any:
+        return self.attn.initial_cache(batch_size, device=device, dtype=dtype)
+
+    def step(self, x_t: torch.Tensor, state: Any,
+             memory_kv: MemoryKV) -> tuple[torch.Tensor, Any]:
+        """x_t: (batch, d_model) -> (batch, d_model), new self-attention cache."""
+        box = {}
+
+        def self_mix(h):
+            y, box["state"] = self.attn.step(h, state)
+            return y
+
+        y = self._sublayers(x_t[:, None], lambda h: self_mix(h[:, 0])[:, None], memory_kv)
+        return y[:, 0], box["state"]
 
 
 def _to_device(state: Any, device) -> Any:

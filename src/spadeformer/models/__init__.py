@@ -8,11 +8,13 @@ from spadeformer.models.heads import (
 )
 from spadeformer.models.io import ModelLoadError, load_pretrained_weights
 from spadeformer.models.outputs import ModelOutput
+from spadeformer.models.seq2seq import SpadeForConditionalGeneration
 
 __all__ = [
     "ModelLoadError",
     "ModelOutput",
     "SpadeForCausalLM",
+    "SpadeForConditionalGeneration",
     "SpadeForRetrieval",
     "SpadeForSequenceClassification",
     "SpadeModel",

@@ -183,7 +183,8 @@ def _check_keys(missing, unexpected, weights_path: Path, config_path: Path) -> N
 # Config fields that shape no backbone tensor: they may differ between a saved model and the
 # model it initialises (another head, another dropout) without being the reason it does not fit.
 _HEAD_OR_TRAINING_FIELDS = {"dropout", "attention_dropout", "adaptive_dropout", "num_labels",
-                            "pooling", "pad_token_id", "tie_embeddings"}
+                            "pooling", "pad_token_id", "tie_embeddings", "n_decoder_layers",
+                            "decoder_start_token_id"}
 
 
 def _backbone_differences(saved_model: torch.nn.Module, model: torch.nn.Module) -> str:
