@@ -102,6 +102,41 @@ def test_same_command_same_run(tmp_path, corpus_root, capsys):
     assert _metrics_without_timing(tmp_path / "c") != _metrics_without_timing(tmp_path / "a")
 
 
+def test_run_config_yaml_repeats_the_run(tmp_path, corpus_root, capsys):
+    assert main(["train", "--out", str(tmp_path / "a"), f"data.root={corpus_root}", *TINY,
+                 "train.steps=3", "train.log_every=1"]) == 0
+    text = (tmp_path / "a" / "run_config.yaml").read_text()
+    assert text.startswith("# task: stdlib\n")
+    assert main(["train", "--out", str(tmp_path / "b"), "--config",
+                 str(tmp_path / "a" / "run_config.yaml")]) == 0
+    assert _metrics_without_timing(tmp_path / "b") == _metrics_without_timing(tmp_path / "a")
+
+
+def test_settings_that_contradict_the_data_are_refused(tmp_path, corpus_root, capsys):
+    base = ["train", "--out", str(tmp_path / "r"), f"data.root={corpus_root}", *TINY,
+            "train.steps=2"]
+    assert main([*base, "train.task=classify"]) == 2
+    assert "train.task='classify' contradicts the data" in capsys.readouterr().err
+    assert main([*base, "train.lm_metric=ppl"]) == 2
+    assert "needs train.lm_metric='bpb'" in capsys.readouterr().err
+    # learned positions shorter than the validation blocks: refused before any training
+    assert main([*base, "model.position=learned", "model.max_position=32",
+                 "data.eval_seq_len=64"]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_seq_len=64 is longer than model.max_position=32" in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_eval_refuses_batch_counts_that_score_nothing(tmp_path, corpus_root, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), f"data.root={corpus_root}", *TINY,
+                 "train.steps=1", "train.eval_every=1", "train.save_every=1"]) == 0
+    capsys.readouterr()
+    for flag, value in (("--max-batches", "0"), ("--max-batches", "-3"), ("--batch-size", "0")):
+        assert main(["eval", "--run", str(run), flag, value]) == 2
+        assert "must be a positive integer" in capsys.readouterr().err
+
+
 def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), f"data.root={corpus_root}", *TINY, "train.steps=10"]

@@ -30,6 +30,9 @@ def test_unknown_key_names_closest():
         ("combine", "mul", "combine must be one of"),
         ("global_layers", [7], "global_layers must hold indices"),
         ("window_size", 0, "window_size must be a positive integer"),
+        ("chunk_size", -3, "chunk_size must be a positive integer"),  # unused by window: still
+        ("n_decoder_layers", 0, "n_decoder_layers must be a positive integer"),
+        ("decoder_start_token_id", 256, "decoder_start_token_id must be an integer in"),
         ("pad_token_id", 999, "pad_token_id must be None or an integer in"),
         ("pad_token_id", "3", "pad_token_id must be None or an integer in"),
         ("pad_token_id", 1.5, "pad_token_id must be None or an integer in"),

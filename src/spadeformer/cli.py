@@ -34,14 +34,15 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     """
     from spadeformer.fileio import atomic_write
     from spadeformer.models import load_pretrained_weights
-    from spadeformer.runconfig import build_model_config, load_run_config
+    from spadeformer.runconfig import RunConfigError, build_model_config, load_run_config
     from spadeformer.tasks import get_task
     from spadeformer.training.trainer import TrainConfig, Trainer, seed_everything
 
     saved = _saved_run_config(out) if resume and out is not None else None
     if config is None and saved is not None:
-        cfg = load_run_config(None, overrides, base={k: saved[k] for k in ("model", "data",
-                                                                           "train")})
+        base = {k: dict(saved[k]) for k in ("model", "data", "train")}
+        base["model"].pop("init_from", None)  # a record of how the run started, not a setting
+        cfg = load_run_config(None, overrides, base=base)
     else:
         cfg = load_run_config(config, overrides)
     source = get_task(cfg["data"])
@@ -56,8 +57,13 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         model_section.setdefault("num_labels", task.num_labels)
     model_config = _model_config(build_model_config, model_section, task)
     train_section = dict(cfg["train"])
-    train_section.setdefault("task", task.objective)
-    train_section.setdefault("lm_metric", task.lm_metric)
+    for key, needed in (("task", task.objective), ("lm_metric", task.lm_metric)):
+        given = train_section.setdefault(key, needed)
+        if given != needed and (key == "task" or task.objective == "lm"):
+            raise RunConfigError(f"train.{key}={given!r} contradicts the data: "
+                                 f"data.name={cfg['data'].get('name')!r} needs "
+                                 f"train.{key}={needed!r} (drop train.{key}, it follows the data)")
+    _check_learned_positions(model_config, source)
     try:
         train_config = TrainConfig.from_dict(train_section)
     except ValueError as err:  # its messages name fields; on the command line they are train.*
@@ -89,11 +95,12 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     trainer = Trainer(model, source.dataset("train"), source.dataset("val"), train_config,
                       out_dir, resume=resume, collate_fn=source.collate_fn)
     if main_process:  # only once the Trainer accepted the run dir (a refusal leaves it alone)
+        # the file is a run config itself: `train --config run_config.yaml` repeats the run
         resolved = {"model": model_config.to_dict(), "data": cfg["data"],
-                    "train": train_config.to_dict(), "task": task.name}
+                    "train": train_config.to_dict()}
         if init_from is not None:
-            resolved["init_from"] = str(init_from)
-        text = yaml.safe_dump(resolved, sort_keys=False)
+            resolved["model"]["init_from"] = str(init_from)
+        text = f"# task: {task.name}\n" + yaml.safe_dump(resolved, sort_keys=False)
         atomic_write(out_dir / RUN_CONFIG, lambda tmp: Path(tmp).write_text(text))
     if resume and trainer.step >= train_config.steps and main_process:
         _say(f"the run is already at step {trainer.step} of train.steps={train_config.steps}: "
@@ -160,6 +167,22 @@ def _check_same_run(out: str, saved: dict[str, Any], model: dict[str, Any],
                       "other data than it started with", stacklevel=3)
 
 
+def _check_learned_positions(model_config, source) -> None:
+    """Learned positions hold max_position tokens: refuse data lengths beyond that before any
+    training (the first validation would otherwise fail after the training steps)."""
+    from spadeformer.runconfig import RunConfigError
+
+    if model_config.position != "learned":
+        return
+    for key in ("seq_len", "eval_seq_len", "max_length"):
+        length = getattr(source, key, None)
+        if isinstance(length, int) and length > model_config.max_position:
+            raise RunConfigError(
+                f"data.{key}={length} is longer than model.max_position="
+                f"{model_config.max_position} (position='learned' has one embedding per "
+                f"position): raise model.max_position or shorten data.{key}")
+
+
 def _model_config(build, model_section: dict[str, Any], task):
     """build(model_section), with a hint when the data's vocabulary cannot hold the adaptive
     softmax bands of the size (e.g. the wikitext103 size's [20000, 60000] on a small corpus)."""
@@ -223,17 +246,23 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
     from spadeformer.training.distributed import resolve_device
     from spadeformer.training.trainer import evaluate_model
 
+    for name, value in (("max_batches", max_batches), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name} must be a positive integer (or omitted), got {value!r}")
     cfg, source, model = _load_run(run)
     device = resolve_device("auto")  # a run trained on a GPU can be scored without one
     model.to(device)
     if hasattr(source, "perplexity"):  # word-level LM: perplexity, not bits per byte
-        size = batch_size or 1
+        size = 1 if batch_size is None else batch_size
         windows = None if max_batches is None else max_batches * size
         metrics = source.perplexity(model, split, batch_size=size, max_windows=windows,
                                     device=device)
         return {"split": split, **metrics, **source.baseline(split)}
     data = source.dataset(split)
-    metrics = evaluate_model(model, data, batch_size=batch_size or cfg["train"]["batch_size"],
+    if batch_size is None:  # one training micro-step: what fit in memory for training
+        batch_size = cfg["train"]["batch_size"] // cfg["train"].get("grad_accum", 1)
+    metrics = evaluate_model(model, data, batch_size=batch_size,
                              task=source.task.objective, lm_metric=source.task.lm_metric,
                              max_batches=max_batches,
                              collate_fn=source.collate_fn)
@@ -334,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None,
                    help="score only this many batches (default: the whole split)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="evaluation batch size (default: the run's train.batch_size; "
-                        "WikiText-103: windows per batch, default 1)")
+                   help="evaluation batch size (default: the run's train.batch_size / "
+                        "train.grad_accum; WikiText-103: windows per batch, default 1)")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM",
                        formatter_class=HelpFormatter,

@@ -174,6 +174,9 @@ class SpadeConfig:
                 "attention='none' (a pure SSM stack) needs every layer global: "
                 f"global_layers={list(range(self.n_layers))}, got {self.global_layers}"
             )
+        for name in ("window_size", "chunk_size"):  # checked even when the pattern is another
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if self.attention == "window":
             if self.window_size is None:
                 raise ValueError("attention='window' needs window_size (a positive integer)")

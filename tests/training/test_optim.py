@@ -42,11 +42,11 @@ def test_groups_split_weights_biases_and_ssm():
     assert _ids(g["ssm"]["params"]) == _ids(hinted)
     assert g["ssm"]["lr"] == 1e-3 and g["ssm"]["weight_decay"] == 0.0
     assert _ids(g["decay"]["params"]) == _ids(
-        [m.embed.weight, ssm.C, ssm.D, ssm.output_linear.weight, m.proj.weight]
+        [m.embed.weight, ssm.C, ssm.output_linear.weight, m.proj.weight]
     )
     assert g["decay"]["lr"] == 1e-2 and g["decay"]["weight_decay"] == 0.1
-    assert _ids(g["no_decay"]["params"]) == _ids(
-        [ssm.output_linear.bias, m.proj.bias, m.norm.weight, m.norm.bias]
+    assert _ids(g["no_decay"]["params"]) == _ids(  # D: a skip per channel, (channels, d)
+        [ssm.D, ssm.output_linear.bias, m.proj.bias, m.norm.weight, m.norm.bias]
     )
     assert g["no_decay"]["weight_decay"] == 0.0 and g["no_decay"]["lr"] == 1e-2
 
@@ -139,3 +139,17 @@ def test_bad_model_and_bad_hint():
     lin.bias._optim = {"lr": -1.0}
     with pytest.raises(ValueError, match="_optim\\['lr'\\] of 'bias' must be a positive number"):
         param_groups(lin, 1e-3, 0.0)
+
+
+@pytest.mark.parametrize("kind,vector", [("s4", "D"), ("s4d", "D"), ("s5", "D"),
+                                         ("hyena", "filter_bias")])
+def test_per_channel_vectors_get_no_weight_decay_whatever_their_rank(kind, vector):
+    # S4's D is (channels, d_model), S5's (d_model,): both are skips, neither is decayed
+    from spadeformer.ssm import build_ssm
+
+    for ssm in (build_ssm(kind, 8, bidirectional=False),
+                copy.deepcopy(build_ssm(kind, 8, bidirectional=True))):
+        groups = {g["name"]: g for g in param_groups(ssm, 1e-3, 0.1)}
+        param = ssm.get_parameter(vector)
+        assert any(param is p for p in groups["no_decay"]["params"])
+        assert not any(param is p for p in groups["decay"]["params"])

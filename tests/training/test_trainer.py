@@ -123,6 +123,81 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, data):
             torch.testing.assert_close(finals[other][k], finals[0][k], rtol=1e-4, atol=1e-6)
 
 
+class _VariableLengthLM(torch.utils.data.Dataset):
+    """LM items of 2 to 30 targets: collate_batch pads their labels with -100, so
+    micro-batches of one update hold different numbers of counted targets."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.items = [torch.randint(0, 256, (n + 1,), generator=g)
+                      for n in (2, 30, 3, 29, 2, 2, 30, 17)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i][:-1], "labels": self.items[i][1:]}
+
+
+def test_grad_accumulation_weights_micro_batches_by_their_targets(tmp_path):
+    # The update is the mean over all counted targets of the global batch, however it is
+    # split: averaging micro-batch means instead gave a 2-target micro-batch the weight of a
+    # 30-target one (loss and weights then changed with grad_accum).
+    losses, finals = [], []
+    for accum in (1, 2, 4):
+        torch.manual_seed(0)
+        model = TinyLM(dropout=0.0)
+        Trainer(model, _VariableLengthLM(), None,
+                cfg(steps=3, grad_accum=accum, warmup_steps=0, eval_every=0, save_every=0),
+                tmp_path / f"a{accum}").fit()
+        losses.append([r["loss"] for r in read_metrics(tmp_path / f"a{accum}")])
+        finals.append(weights(model))
+    for other in (1, 2):
+        assert losses[other] == pytest.approx(losses[0], rel=1e-5)
+        for k in finals[0]:
+            torch.testing.assert_close(finals[other][k], finals[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_failing_validation_keeps_the_training_done(tmp_path, data):
+    train, val = data
+
+    class BadVal(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise OSError("val shard unreadable")
+
+    torch.manual_seed(0)
+    trainer = Trainer(TinyLM(dropout=0.0), train, BadVal(),
+                      cfg(steps=4, eval_every=0, save_every=0), tmp_path / "run")
+    with pytest.raises(OSError, match="unreadable"):
+        trainer.fit()  # the final validation fails after 4 steps of training
+    assert CheckpointManager(tmp_path / "run" / "checkpoints").pointer("last")["step"] == 4
+    resumed = Trainer(TinyLM(dropout=0.0), train, val, cfg(steps=4, eval_every=0, save_every=0),
+                      tmp_path / "run", resume=True)
+    assert resumed.step == 4
+
+
+def test_best_never_outruns_last_and_a_stale_best_is_dropped(tmp_path, data):
+    import json as _json
+
+    train, val = data
+    torch.manual_seed(0)
+    config = cfg(steps=6, eval_every=1, save_every=100, lr=1e-2)
+    Trainer(TinyLM(dropout=0.0), train, val, config, tmp_path / "run").fit()
+    ckpt = CheckpointManager(tmp_path / "run" / "checkpoints")
+    best, last = ckpt.pointer("best"), ckpt.pointer("last")
+    assert best["step"] <= last["step"]  # every best save is also a resume point
+    # a run dir of an older version: "best" from steps after "last" (an abandoned tail)
+    stale = {**best, "step": last["step"] + 3}
+    (ckpt.root / "best.json").write_text(_json.dumps(stale))
+    with pytest.warns(UserWarning, match="lies past the resumed step"):
+        resumed = Trainer(TinyLM(dropout=0.0), train, val, config, tmp_path / "run",
+                          resume=True)
+    assert ckpt.pointer("best") is None and resumed.best_val_loss < math.inf
+
+
 @pytest.mark.parametrize("log_every", [1, 5])  # 5: a log window spans the resumed save
 def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, data, log_every):
     train, val = data
@@ -205,9 +280,9 @@ def test_config_validation_names_the_field():
     bad = [dict(steps=0), dict(batch_size=10, grad_accum=3), dict(lr=-1.0),
            dict(schedule="poly"), dict(task="seq2seq"), dict(precision="fp16"),
            dict(warmup_steps=50), dict(clip_norm=0.0), dict(min_lr_ratio=2.0),
-           dict(eval_batches=0)]
+           dict(eval_batches=0), dict(betas=0.9), dict(progress="maybe")]
     names = ["steps", "grad_accum", "lr", "schedule", "task", "precision", "warmup_steps",
-             "clip_norm", "min_lr_ratio", "eval_batches"]
+             "clip_norm", "min_lr_ratio", "eval_batches", "betas", "progress"]
     for kw, name in zip(bad, names, strict=True):
         with pytest.raises(ValueError, match=name):
             cfg(**kw)
@@ -215,6 +290,29 @@ def test_config_validation_names_the_field():
         TrainConfig.from_dict({"stepz": 3})
     c = cfg(schedule="cosine")
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_evaluate_model_refuses_to_score_nothing(data):
+    from spadeformer.training.trainer import evaluate_model
+
+    _, val = data
+    model = TinyLM()
+    for kwargs, match in ((dict(batch_size=0), "batch_size must be a positive integer"),
+                          (dict(batch_size=4, max_batches=0), "max_batches must be None"),
+                          (dict(batch_size=-4), "batch_size")):
+        with pytest.raises(ValueError, match=match):
+            evaluate_model(model, val, **kwargs)
+
+    class AllIgnored(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.ones(4, dtype=torch.long),
+                    "labels": torch.full((4,), -100)}
+
+    with pytest.raises(ValueError, match="nothing to score"):
+        evaluate_model(model, AllIgnored(), batch_size=2)
 
 
 def test_bf16_on_cpu_and_out_dir_misuse_are_refused(tmp_path, data):

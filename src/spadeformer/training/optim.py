@@ -40,6 +40,17 @@ def _module_hints(model: nn.Module) -> dict[int, dict]:
     return hints
 
 
+def _no_decay_ids(model: nn.Module) -> set[int]:
+    """id(param) of every parameter a module lists in ``_no_weight_decay``."""
+    out: set[int] = set()
+    for module in model.modules():
+        for name in getattr(module, "_no_weight_decay", ()):
+            p = module._parameters.get(name)
+            if p is not None:
+                out.add(id(p))
+    return out
+
+
 def param_groups(
     model: nn.Module, lr: float, weight_decay: float, ssm_lr: float | None = None
 ) -> list[dict]:
@@ -47,7 +58,10 @@ def param_groups(
 
     Groups, in this order, empty ones left out:
         "decay":    params with ndim >= 2 (weight matrices, embeddings), ``lr``, ``weight_decay``;
-        "no_decay": params with ndim < 2 (biases, norm scales), ``lr``, weight decay 0;
+        "no_decay": params with ndim < 2 (biases, norm scales) and those a module lists in
+                    ``_no_weight_decay`` (per-channel vectors kept as matrices, e.g. S4's D;
+                    see :func:`~spadeformer.ssm.base.mark_no_weight_decay`), ``lr``, weight
+                    decay 0;
         "ssm", ... : params with an ``_optim`` hint: lr = hint["lr"], else ``ssm_lr``, else
                     ``lr``; weight decay = hint.get("weight_decay", 0.0); other hint keys are
                     copied into the group. One group per distinct setting, named "ssm" for the
@@ -64,6 +78,7 @@ def param_groups(
     if ssm_lr is not None:
         _check_rate("ssm_lr", ssm_lr, allow_zero=False)
     module_hints = _module_hints(model)
+    no_decay_ids = _no_decay_ids(model)
 
     decay, no_decay = [], []
     hinted: dict[tuple, dict] = {}
@@ -75,7 +90,7 @@ def param_groups(
         if hint is None:
             hint = module_hints.get(id(p))
         if hint is None:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and id(p) not in no_decay_ids else no_decay).append(p)
             continue
         if not isinstance(hint, dict):
             raise TypeError(f"parameter {name!r} has an _optim hint that is not a dict: {hint!r}")

@@ -92,7 +92,9 @@ def _is_num(v: Any) -> bool:
 class TrainConfig:
     """Optimisation settings. ``batch_size`` is the *global* batch per update (summed over
     gradient-accumulation micro-batches and data-parallel ranks). ``eval_every`` /
-    ``save_every`` = 0 mean only at the end; ``eval_batches`` None = the whole split."""
+    ``save_every`` = 0 mean only at the end; validation runs in batches of one micro-step,
+    ``batch_size // grad_accum`` examples, and ``eval_batches`` of them (None = the whole
+    split)."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -117,7 +119,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.betas, (list, tuple)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)  # JSON gives a list
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be true or false, got {self.progress!r}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every",
                      "save_every", "seed", "warmup_steps", "eval_batches"):
             v = getattr(self, name)  # train.steps=1e3 on the command line is a float
@@ -271,6 +277,7 @@ class Trainer:
         self.sampler = EpochSampler(len(train_data), seed=cfg.seed)
         if state is not None:
             self._restore(state)
+            self._drop_best_of_abandoned_steps()
         self.last_metrics: dict[str, Any] = {}
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +346,21 @@ class Trainer:
                           f"{self.dist.world_size}; reseeding", stacklevel=3)
             seed_everything(self.config.seed + self.dist.rank + 1_000_003 * self.step)
 
+    def _drop_best_of_abandoned_steps(self) -> None:
+        """A "best" pointer past the resumed step (a run dir from before "last" followed every
+        best save) names a model of steps this run redoes: drop it, keep the score to beat."""
+        best = self.ckpt.pointer("best")
+        if best is None or best["step"] <= self.step:
+            return
+        if self.dist.is_main:
+            warnings.warn(f"the 'best' checkpoint (step {best['step']}) lies past the resumed "
+                          f"step {self.step}: it belongs to the interrupted steps and is "
+                          "dropped; a later validation that beats the best loss of the steps "
+                          "kept becomes the best", stacklevel=3)
+            (self.ckpt.root / "best.json").unlink()
+            self.ckpt.collect_garbage()
+        D.barrier()
+
     def _prepare_metrics_file(self) -> None:
         """Fresh run: empty metrics.jsonl. Resume: drop lines past the checkpoint's step (they
         belong to the abandoned tail and are about to be recomputed)."""
@@ -384,14 +406,27 @@ class Trainer:
 
     def _train_step(self, step: int) -> tuple[float, float, float, float]:
         """One optimiser update over grad_accum micro-batches -> (loss, tokens, correct,
-        count), each summed over ranks except loss (the global mean)."""
+        count), each summed over ranks except loss (the global mean).
+
+        The update's loss is the mean over every counted target (labels != -100) of the
+        global batch, whatever the split into micro-batches and ranks: each micro-batch's
+        mean loss is weighted by its share of the update's targets (equal shares when every
+        item has as many targets, e.g. LM blocks or one label per example)."""
         cfg, info = self.config, self.dist
         self.model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tok, corr, cnt
-        for micro in range(cfg.grad_accum):
+        batches = []  # inputs of the whole update first: their target counts set the weights
+        for _ in range(cfg.grad_accum):
             indices = self.sampler.indices(self.position, self.micro_batch)
             self.position += self.micro_batch
-            batch = self._batch(self.train_data, D.shard(indices, info.rank, info.world_size))
+            batches.append(self._batch(self.train_data,
+                                       D.shard(indices, info.rank, info.world_size)))
+        counts = torch.tensor([count_targets(b) for b in batches], dtype=torch.float64,
+                              device=self.device)
+        total = counts.sum()
+        D.all_reduce_sum(total)  # 0 -> NaN weights -> the non-finite stop below
+        weights = counts / total
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tok, corr, cnt
+        for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             # Skip DDP's gradient all-reduce on all but the last micro-batch.
             sync = (contextlib.nullcontext() if last or not info.distributed
@@ -399,15 +434,16 @@ class Trainer:
             with sync:
                 with self._autocast():
                     out = self._forward(self.model, batch)
-                (out.loss / cfg.grad_accum).backward()
-            sums[0] += out.loss.detach().double() / cfg.grad_accum
+                # DDP averages gradients over ranks: world_size undoes that into a sum
+                (out.loss * (weights[micro] * info.world_size).to(out.loss.dtype)).backward()
+            sums[0] += out.loss.detach().double() * weights[micro]
             sums[1] += self._tokens(batch)
             if cfg.task == "classify":
                 c, n = self._correct(out.logits.detach(), batch["labels"])
                 sums[2] += c
                 sums[3] += n
         D.all_reduce_sum(sums)  # every rank sees the same numbers, so all stop together
-        loss = float(sums[0]) / info.world_size
+        loss = float(sums[0])
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(step, loss)
@@ -496,7 +532,16 @@ class Trainer:
                 info: dict[str, Any] = {}
                 if self.val_data is not None and (
                         final or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    val = self.evaluate(self.val_data, max_batches=cfg.eval_batches)
+                    try:
+                        val = self.evaluate(self.val_data, max_batches=cfg.eval_batches)
+                    except Exception:
+                        # A validation that fails (too long for learned positions, out of
+                        # memory) would fail again at the same step: keep the training done
+                        # so far so that a fixed config can --resume it. Not under DDP: the
+                        # other ranks may be inside a collective of their own evaluation.
+                        if not self.dist.distributed:
+                            self._save(["last"], {}, window_sums)
+                        raise
                     rec = {"step": step, "split": "val", **val, "lr": self._lr(step)}
                     self._log(rec)
                     self.last_metrics["val"] = rec
@@ -504,7 +549,9 @@ class Trainer:
                         self.best_val_loss = val["loss"]
                         tags.append("best")
                         info["val_loss"] = val["loss"]
-                if final or (cfg.save_every and step % cfg.save_every == 0):
+                # a best checkpoint is a resume point too: "last" never trails "best", so a
+                # resumed run cannot inherit a best from steps it is about to redo
+                if tags or final or (cfg.save_every and step % cfg.save_every == 0):
                     tags.append("last")
                 if tags:
                     self._save(tags, info, window_sums)
@@ -521,9 +568,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, data: Any, max_batches: int | None = None) -> dict[str, float]:
-        """Mean loss over ``data`` in order (batches of ``config.batch_size``); see
-        :func:`evaluate_model`. Every rank scores its shard; the sums are all-reduced."""
-        return evaluate_model(self.raw_model, data, batch_size=self.config.batch_size,
+        """Mean loss over ``data`` in order, in batches of one training micro-step
+        (``batch_size // grad_accum``: what fits in memory for training fits for scoring);
+        see :func:`evaluate_model`. Every rank scores its shard; the sums are all-reduced."""
+        return evaluate_model(self.raw_model, data, batch_size=self.micro_batch,
                               task=self.config.task, lm_metric=self.config.lm_metric,
                               device=self.device,
                               max_batches=max_batches, collate_fn=self.collate_fn,
@@ -544,6 +592,11 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
             mask = batch.get("padding_mask" + key[len("input_ids"):])
             total += ids.numel() - (int(mask.sum()) if isinstance(mask, torch.Tensor) else 0)
     return total if found else int(batch["labels"].shape[0])
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Labels the loss averages over (labels != -100): the weight of a batch's mean loss."""
+    return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 def checked_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
@@ -588,6 +641,11 @@ def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = 
     ``world_size > 1`` each rank scores its shard and the sums are all-reduced."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_batches is not None and (not _is_int(max_batches) or max_batches < 1):
+        raise ValueError(f"max_batches must be None (the whole split) or a positive integer, "
+                         f"got {max_batches!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
     n = len(data)
@@ -608,7 +666,7 @@ def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = 
                      for k, v in fetch_batch(data, mine, collate_fn).items()}
             with autocast():
                 out = checked_forward(model, batch)  # the raw model: no DDP hooks in eval
-            weight = float((batch["labels"] != IGNORE_INDEX).sum())
+            weight = float(count_targets(batch))
             if weight == 0:  # nothing counted (the model's mean would be 0/0)
                 continue
             sums[0] += out.loss.double() * weight
@@ -622,6 +680,9 @@ def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = 
         model.train(was_training)
     if world_size > 1:
         D.all_reduce_sum(sums)
-    loss = float(sums[0] / sums[1].clamp_min(1.0))
+    if float(sums[1]) == 0:  # a loss of 0 here would read as a perfect model
+        raise ValueError(f"nothing to score: the {len(data)} examples of the first "
+                         f"{num_batches} batch(es) hold no counted target (labels != -100)")
+    loss = float(sums[0] / sums[1])
     return {"loss": loss, **task_metric(task, loss, float(sums[3]), float(sums[4]), lm_metric),
             "tokens_per_s": float(sums[2]) / max(time.perf_counter() - t0, 1e-9)}
