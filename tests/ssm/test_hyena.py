@@ -190,7 +190,7 @@ def test_frozen_has_no_trainable_parameters_and_caches_filters(monkeypatch):
     m(torch.randn(1, 7, D))
     m(torch.randn(3, 7, D))
     assert calls == [12, 7]
-    assert m.filters(12)[0] is m.filters(12)[0]
+    assert m._filters(12)[0] is m._filters(12)[0]  # served from the cache (filters() copies)
     torch.testing.assert_close(y1, y2, atol=0, rtol=0)
 
     # Same weights, trainable: identical output (the cache changes nothing).

@@ -256,3 +256,42 @@ def test_mark_ssm_params_refuses_what_is_not_a_parameter():
         mark_ssm_params(m, "log_dt", None)
     with pytest.raises(ValueError, match="'hippo_V' is not a parameter of this S4"):
         mark_ssm_params(m, ["hippo_V"], None)  # a buffer
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_built_under_a_device_context_every_tensor_follows(kind):
+    # `with torch.device(...)` (meta init, fabric / litgpt style): HiPPO initialisers compute
+    # on the CPU, and their results must still land on the context's device
+    with torch.device("meta"):
+        m = make(kind, bidirectional=kind != "lstm")
+        y = m(torch.randn(2, 5, 6))
+    assert {t.device.type for t in [*m.parameters(), *m.buffers()]} == {"meta"}
+    assert y.device.type == "meta" and y.shape == (2, 5, 6)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_an_empty_batch_gives_an_empty_output(kind):
+    m = make(kind, bidirectional=False)
+    assert m(torch.randn(0, 5, 6)).shape == (0, 5, 6)
+
+
+FILTER_GETTERS = {"s4": lambda m, n: (m.kernel(n),), "s4d": lambda m, n: m.kernels(n),
+                  "hyena": lambda m, n: m.filters(n)}
+
+
+@pytest.mark.parametrize("kind", sorted(FILTER_GETTERS))
+def test_frozen_kernels_are_cached_in_fp32_and_handed_out_as_copies(kind):
+    m = make(kind, bidirectional=True, trainable=False).eval()
+    x = torch.randn(1, 12, 6)
+    y = m(x)
+    get = FILTER_GETTERS[kind]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # asked for first inside autocast
+        inside = [k for k in get(m, 12) if k is not None]
+    outside = [k for k in get(m, 12) if k is not None]
+    for a, b in zip(inside, outside, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for k in inside:  # the caller's tensors: editing them leaves the cache alone
+        k.mul_(0.0)
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    torch.testing.assert_close(get(m, 12)[0], outside[0], rtol=0, atol=0)

@@ -128,6 +128,8 @@ def fft_conv_spectrum(u: torch.Tensor, k_f: torch.Tensor, n: int,
     if k_f.shape[-1] != n // 2 + 1:
         raise ValueError(f"k_f must have n // 2 + 1 = {n // 2 + 1} frequencies for n={n}, "
                          f"got {k_f.shape[-1]}")
+    if u.numel() == 0:  # an empty batch: MKL's FFT refuses zero transforms
+        return (u * 0).expand(*torch.broadcast_shapes(u.shape[:-1], k_f.shape[:-1]), L)
     keep = None
     if padding_mask is not None:
         keep = ~_mask_like(padding_mask, u)

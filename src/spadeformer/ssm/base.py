@@ -38,6 +38,8 @@ __all__ = [
     "check_state",
     "check_state_size",
     "fp32_region",
+    "default_device",
+    "mark_no_weight_decay",
     "mark_ssm_params",
 ]
 
@@ -146,6 +148,26 @@ def mark_ssm_params(module: nn.Module, names: Sequence[str], lr: float | None) -
         table[leaf] = {"lr": lr, "weight_decay": 0.0}
 
 
+def default_device() -> torch.device:
+    """Where factory calls put new tensors now (a ``with torch.device(...)`` context included):
+    the HiPPO initialisers compute on the CPU (eigh has no meta / all-GPU kernels) and their
+    results must move here, or a module built under ``torch.device("meta")`` or ``"cuda"``
+    would be split across two devices."""
+    return torch.empty(0).device
+
+
+def mark_no_weight_decay(module: nn.Module, names: Sequence[str]) -> None:
+    """Keep the parameters ``names`` of ``module`` (direct attributes) out of weight decay at
+    the optimiser's learning rate: per-channel skip and bias vectors (S4's D, Hyena's filter
+    bias) stored as (channels, d_model) matrices, which the "decay what has ndim >= 2" rule
+    of :func:`spadeformer.training.optim.param_groups` would otherwise decay. Kept in the
+    module's ``_no_weight_decay`` set (survives ``copy.deepcopy``)."""
+    for name in names:
+        if not isinstance(module._parameters.get(name), nn.Parameter):
+            raise ValueError(f"{name!r} is not a parameter of this {type(module).__name__}")
+        module.__dict__.setdefault("_no_weight_decay", set()).add(name)
+
+
 def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
     """Disable autocast so the SSM runs in float32 whatever the caller's autocast says."""
     if device_type in ("cuda", "cpu", "xpu", "mps"):
@@ -154,6 +176,11 @@ def fp32_region(device_type: str) -> contextlib.AbstractContextManager:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _full_precision(params: Sequence[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """:func:`fp32_region` on the device of ``params`` (none: no autocast to leave)."""
+    return fp32_region(params[0].device.type) if params else contextlib.nullcontext()
 
 
 class FrozenCache:
@@ -196,11 +223,13 @@ class FrozenCache:
         return storages, stamps
 
     def get(self, what: tuple, params: Sequence[torch.Tensor], compute: Callable[[], Any]) -> Any:
-        """The cached ``compute()`` for ``what`` and ``params``; computed (without autograd)
-        when missing or stale."""
+        """The cached ``compute()`` for ``what`` and ``params``; computed without autograd and
+        in float32 whatever autocast the caller is under (a kernel first asked for inside an
+        autocast region must not be cached in bf16 for every later call) when missing or
+        stale."""
         fingerprint = self._fingerprint(params)
         if fingerprint is None:
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(params):
                 return compute()
         storages, stamps = fingerprint
         key = (what, torch.is_inference_mode_enabled())
@@ -212,7 +241,7 @@ class FrozenCache:
             ):
                 self._entries.move_to_end(key)
                 return value
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision(params):
             value = compute()
         self._entries[key] = (tuple(weakref.ref(st) for st in storages), stamps, value)
         self._entries.move_to_end(key)

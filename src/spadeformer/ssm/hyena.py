@@ -55,6 +55,7 @@ from spadeformer.ssm.base import (
     check_dropout,
     check_lr,
     check_positive,
+    mark_no_weight_decay,
     mark_ssm_params,
 )
 
@@ -180,6 +181,7 @@ class Hyena(GlobalExtractor):
         # filter's wd=0), its own lr if given, else the optimiser's ssm_lr
         mark_ssm_params(self, [f"filter_mlp.{n}" for n, _ in self.filter_mlp.named_parameters()],
                         lr)
+        mark_no_weight_decay(self, ("filter_bias",))  # a bias per filter and channel
         self._filter_cache = FrozenCache(_MAX_CACHED_LENGTHS)
         self.freeze_if_requested()
 
@@ -199,8 +201,14 @@ class Hyena(GlobalExtractor):
         Returns k (order-1, d_model, length) and, when bidirectional, k_reverse of the same
         shape (k_reverse[..., j] acts at lag -(j+1)), else None. When no filter parameter
         requires grad (frozen), the result is cached per length
-        (:class:`~spadeformer.ssm.base.FrozenCache` says when an entry is stale).
+        (:class:`~spadeformer.ssm.base.FrozenCache` says when an entry is stale); the
+        tensors returned are the caller's own copies.
         """
+        k, k_rev = self._filters(length)
+        return k.clone(), None if k_rev is None else k_rev.clone()
+
+    def _filters(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`filters` without the copies (forward only reads them)."""
         check_positive("length", length)
         self._check_length(length)
         params = [*self.filter_mlp.parameters(), self.decay_rates]  # what the filters read
@@ -242,7 +250,7 @@ class Hyena(GlobalExtractor):
         z = self._project(u, padding_mask)  # (B, C, L)
         z = self.short_conv(F.pad(z, self._short_conv_padding()))  # (B, C, L)
         *gates, v = z.split(self.d_model, dim=1)  # N gates and v, each (B, d, L)
-        k, k_rev = self.filters(L)  # (N-1, d, L) each
+        k, k_rev = self._filters(L)  # (N-1, d, L) each
         for i in range(self.order - 1):
             v = self.dropout(gates[i + 1] * v)
             conv = fft_conv(v, k[i], None if k_rev is None else k_rev[i], padding_mask)

@@ -51,6 +51,8 @@ from spadeformer.ssm.base import (
     check_positive,
     check_state,
     check_state_size,
+    default_device,
+    mark_no_weight_decay,
     mark_ssm_params,
 )
 
@@ -138,7 +140,7 @@ class S4(GlobalExtractor):
         n_kernels = 2 * channels if bidirectional else channels
 
         # HiPPO-LegS in NPLR form, paper Eq. 5: A = V (diag(Lambda) - p p^*) V^*.
-        Lambda, P, B, V = hippo_legs_nplr(d_state)
+        Lambda, P, B, V = (t.to(default_device()) for t in hippo_legs_nplr(d_state))
         # Re(Lambda) is kept negative (stable SSM) by storing log(-Re Lambda), as official S4.
         self.log_neg_lambda_re = nn.Parameter(_per_feature(torch.log(-Lambda.real), H))
         self.lambda_im = nn.Parameter(_per_feature(Lambda.imag, H))
@@ -158,6 +160,7 @@ class S4(GlobalExtractor):
             self.output_linear = nn.Linear(channels * H, H)
 
         mark_ssm_params(self, _HINTED, lr)
+        mark_no_weight_decay(self, ("D",))  # a skip per channel, not a weight
         # kernels and spectra of kernel_cache_size lengths, plus the recurrent matrices
         self._cache = FrozenCache(2 * self.kernel_cache_size + 1)
         self.freeze_if_requested()
@@ -212,8 +215,12 @@ class S4(GlobalExtractor):
         Returns (channels, d_model, length); when bidirectional (2 * channels, d_model,
         length), rows [:channels] the forward kernels and [channels:] the reverse kernels
         (used at lags -1, -2, ..., see the module docstring). Compute dtype (float32, or float64
-        after .double()). Frozen modules return a cached constant.
+        after .double()). Frozen modules return a copy of a cached constant.
         """
+        return self._kernel(length).clone() if self._cache_allowed() else self._kernel(length)
+
+    def _kernel(self, length: int) -> torch.Tensor:
+        """:meth:`kernel` without the copy of a cached kernel (forward only reads it)."""
         check_positive("length", length)
         if not self._cache_allowed():
             return s4_kernel(*self._nplr(), length)
@@ -269,7 +276,7 @@ class S4(GlobalExtractor):
             k_f, n, d_folded = self._spectrum(u.shape[-1])
             y = fft_conv_spectrum(u, k_f, n, padding_mask=padding_mask)  # (B, channels, H, L)
         else:
-            k = self.kernel(u.shape[-1])  # (S, H, L)
+            k = self._kernel(u.shape[-1])  # (S, H, L)
             k_fwd, k_rev = ((k[: self.channels], k[self.channels :]) if self.bidirectional
                             else (k, None))
             y = fft_conv(u, k_fwd, k_rev, padding_mask=padding_mask)  # (B, channels, H, L)

@@ -61,6 +61,7 @@ from spadeformer.ssm.base import (
     check_positive,
     check_state,
     check_state_size,
+    mark_no_weight_decay,
     mark_ssm_params,
 )
 
@@ -152,6 +153,7 @@ class S4D(GlobalExtractor):
         self.D = nn.Parameter(torch.randn(channels, H))
         self.log_dt = nn.Parameter(log_uniform_dt(H, dt_min, dt_max).float())
         mark_ssm_params(self, ("log_A_real", "A_imag", "B", "log_dt"), lr)
+        mark_no_weight_decay(self, ("D",))  # a skip per channel, not a weight
 
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
@@ -229,8 +231,15 @@ class S4D(GlobalExtractor):
 
         Cached per length while the kernel's parameters are frozen (least recently used
         lengths dropped beyond 16; :class:`~spadeformer.ssm.base.FrozenCache` says when an
-        entry is stale); recomputed from the live parameters otherwise.
+        entry is stale); recomputed from the live parameters otherwise. The tensors are the
+        caller's own: editing them leaves the cache (and later forwards) alone.
         """
+        k, k_rev = self._kernels(length)
+        return k.clone(), None if k_rev is None else k_rev.clone()
+
+    def _kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`kernels` without the copies: the cached tensors themselves (forward only
+        reads them)."""
         check_positive("length", length)
         params = self._kernel_params()
         if any(p.requires_grad for p in params):
@@ -250,7 +259,7 @@ class S4D(GlobalExtractor):
     def _forward(self, u: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """u: (batch, length, H) float (padded positions zero) -> (batch, length, H)."""
         L = u.shape[1]
-        k, k_rev = self.kernels(L)  # (channels, H, L) each
+        k, k_rev = self._kernels(L)  # (channels, H, L) each
         u_t = rearrange(u, "b l h -> b 1 h l")
         y = fft_conv(u_t, k, k_rev, padding_mask=padding_mask)  # (b, channels, h, l)
         y = y + self.D.unsqueeze(-1) * u_t

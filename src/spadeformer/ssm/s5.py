@@ -51,6 +51,8 @@ from spadeformer.ssm.base import (
     check_lr,
     check_positive,
     check_state,
+    default_device,
+    mark_no_weight_decay,
     mark_ssm_params,
 )
 from spadeformer.ssm.s4d import log_uniform_dt, with_conjugates
@@ -113,7 +115,7 @@ class S5(GlobalExtractor):
         self.d_state, self.blocks = d_state, blocks
         H, P, p2 = d_model, d_state, d_state // 2
 
-        Lam, V = hippo_n_init(P, blocks)  # (P/2,), (P, P/2)
+        Lam, V = (t.to(default_device()) for t in hippo_n_init(P, blocks))  # (P/2,), (P, P/2)
         B0 = torch.randn(P, H, dtype=torch.float64) / math.sqrt(H)  # LeCun normal, fan_in H
         B = V.conj().T @ B0.to(torch.complex128)  # (P/2, H)
         self.log_Lambda_real = nn.Parameter(torch.log(-Lam.real).float())
@@ -125,6 +127,7 @@ class S5(GlobalExtractor):
         self.D = nn.Parameter(torch.randn(H))
         self.log_dt = nn.Parameter(log_uniform_dt(p2, dt_min, dt_max).float())
         mark_ssm_params(self, ("log_Lambda_real", "Lambda_imag", "B", "log_dt"), lr)
+        mark_no_weight_decay(self, ("D",))  # a skip per channel, not a weight
 
         self.activation = nn.GELU()
         self.dropout = nn.Dropout(dropout)
