@@ -210,3 +210,21 @@ def test_a_tiny_temperature_samples_the_argmax():
     logits = torch.randn(3, 10)
     ids = sample_next(logits, temperature=1e-39, generator=torch.Generator().manual_seed(0))
     assert ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_eos_token_stops_each_row_and_then_the_loop():
+    model = tiny_lm()
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    free = generate(model, prompt, 8, temperature=0)  # greedy: the rows' own continuations
+    eos = int(free[0, 4])  # row 0's third new token
+    k = free[0, 2:].tolist().index(eos)  # its first occurrence
+    alone = generate(model, prompt[:1], 8, temperature=0, eos_token_id=eos)
+    assert alone.tolist() == free[:1, : 2 + k + 1].tolist()  # stopped right after it
+    both = generate(model, prompt, 8, temperature=0, eos_token_id=eos)
+    assert both[0, : 2 + k + 1].tolist() == free[0, : 2 + k + 1].tolist()
+    assert set(both[0, 2 + k + 1 :].tolist()) <= {eos}  # a finished row repeats the end
+    row1 = free[1, 2:].tolist()
+    stop1 = row1.index(eos) + 1 if eos in row1 else len(row1)
+    assert both[1, 2 : 2 + stop1].tolist() == row1[:stop1]
+    with pytest.raises(ValueError, match="eos_token_id"):
+        generate(model, prompt, 2, eos_token_id=-1)

@@ -39,7 +39,7 @@ def test_the_expected_presets_exist():
         "extractor-s4", "extractor-lstm", "bottom1", "bottom4", "bottom8", "all", "top1")}
     ablations |= {f"ablations/window{w}-seq{s}.yaml" for w in (128, 256, 512)
                   for s in ("2k", "3k", "4k", "6k")}
-    assert lra | lm | ablations | {"demo.yaml"} == set(CONFIGS)
+    assert lra | lm | ablations | {"demo.yaml", "seq2seq/summarization.yaml"} == set(CONFIGS)
     readme = (ROOT / "configs" / "README.md").read_text()
     assert "window{128,256,512}-seq{2k,3k,4k,6k}" in readme
     for name in CONFIGS:  # the table documents every preset
@@ -184,6 +184,17 @@ def write_wikitext(root):
         (root / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n")
 
 
+def write_seq2seq(root):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for split in ("train", "val", "test"):
+        rows = []
+        for _ in range(6):
+            words = " ".join(rng.choice(WORDS[:12], int(rng.integers(3, 12))))
+            rows.append(json.dumps({"source": words, "target": words.split()[0]}))
+        (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+
+
 def write_corpus(root):
     root.mkdir(parents=True)
     for i in range(30):  # enough files that the hash split gives val and test some
@@ -212,6 +223,7 @@ def data(tmp_path_factory):
     write_pathfinder(base / "pf128", 128, n=10)
     write_wikitext(base / "wikitext-103")
     write_corpus(base / "corpus")
+    write_seq2seq(base / "seq2seq")
     return base
 
 
@@ -244,6 +256,9 @@ def small_overrides(cfg: dict, data_root: Path) -> list[str]:
                 "model.adaptive_cutoffs=[8, 16]"]
     elif name == "stdlib":
         out += [f"data.root={data_root / 'corpus'}", "data.seq_len=32"]
+    elif name == "seq2seq":
+        out += [f"data.path={data_root / 'seq2seq'}", "data.max_source_length=48",
+                "data.max_target_length=16"]
     else:
         path = {"listops": "listops", "text": "aclImdb", "retrieval": "tsv_data",
                 "image": "cifar-10-batches-py",
@@ -285,6 +300,8 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
         assert 100_000 < n < 2_000_000, n  # paper Sec. 4.1: LRA models under 2M
     elif name.startswith(("lm/", "ablations/")):
         assert 190_000_000 < n < 310_000_000, n  # the ~250M scale of Baevski & Auli
+    elif name.startswith("seq2seq/"):
+        assert 190_000_000 < n < 230_000_000, n  # T5-base's shape on 258 byte ids
 
     run = tmp_path / "run"
     cfg, metrics = train_preset(name, data, run)
@@ -304,7 +321,8 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
     objective = SOURCES[cfg["data"]["name"]]
     if getattr(objective, "task", None) is not None and isinstance(objective.task, Task):
         assert model["vocab_size"] == objective.task.vocab_size
-    assert ("val_accuracy" in metrics) == (cfg["data"]["name"] not in ("wikitext103", "stdlib"))
+    assert ("val_accuracy" in metrics) == (cfg["data"]["name"] not in ("wikitext103", "stdlib",
+                                                                       "seq2seq"))
     saved = SpadeConfig.from_dict(json.loads((run / "model" / "config.json").read_text())["config"])
     assert saved.to_dict() == SpadeConfig.from_dict(model).to_dict()
 

@@ -281,6 +281,9 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
 
     check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
     _, source, model = _load_run(run)
+    if source.task.model_class == "SpadeForConditionalGeneration":
+        return _generate_target(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                stream, echo_prompt, source.max_source_length)
     if source.task.objective != "lm":
         raise ValueError(f"run {run!r} trained a {source.task.name} classifier; "
                          "generate needs a language model run")
@@ -305,6 +308,32 @@ def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature:
              top_p=top_p, seed=seed, on_token=on_token)
     decoder.flush()
     return out.decode("utf-8", errors="replace")
+
+
+def _generate_target(model, source_text: str, max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, seed: int, stream,
+                     echo_prompt: bool, max_source_length: int) -> str:
+    """An encoder-decoder run: encode ``source_text`` (cut as in training), then stream the
+    target bytes until the end-of-target token or ``max_new_tokens``."""
+    from spadeformer.data.seq2seq import EOS_ID, decode_target, encode_source
+    from spadeformer.generation import check_decoding_length
+
+    source_ids = encode_source(source_text, max_source_length)[None]
+    if source_ids.shape[1] == 0:
+        raise ValueError("prompt (the source text) must not be empty")
+    check_decoding_length(model, 1, max_new_tokens)
+    decoder = _Utf8Stream(stream)
+    if echo_prompt and stream is not None:
+        stream.write(source_text + "\n=> ")
+
+    def on_token(ids):
+        if 1 <= int(ids[0]) < EOS_ID:  # a byte (ids are bytes + 1); not padding, not the end
+            decoder.feed(int(ids[0]) - 1)
+
+    out = model.generate(source_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, seed=seed, on_token=on_token, eos_token_id=EOS_ID)
+    decoder.flush()
+    return decode_target(out[0])
 
 
 class _Utf8Stream:
@@ -368,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM",
                        formatter_class=HelpFormatter,
-                       description="Stream bytes after --prompt from a byte-level LM run. The "
-                                   "defaults sample (temperature 0.8, nucleus top-p 0.95); "
-                                   "--temperature 0 is greedy, --top-p 1 turns the nucleus off.")
+                       description="Stream bytes after --prompt from a byte-level LM run, or "
+                                   "the target for --prompt as the source from a seq2seq run "
+                                   "(until its end token). The defaults sample (temperature "
+                                   "0.8, nucleus top-p 0.95); --temperature 0 is greedy, "
+                                   "--top-p 1 turns the nucleus off.")
     p.add_argument("--run", required=True, help="run directory made by `spadeformer train`")
     p.add_argument("--prompt", required=True, help="text to continue (UTF-8)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")

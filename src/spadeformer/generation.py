@@ -114,16 +114,20 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Continue ``input_ids`` (batch, prompt_length >= 1) by ``max_new_tokens`` tokens.
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             eos_token_id: int | None = None) -> torch.Tensor:
+    """Continue ``input_ids`` (batch, prompt_length >= 1) by up to ``max_new_tokens`` tokens.
 
     ``model`` needs ``initial_state(batch)`` and ``step(ids (batch,), state) -> (logits, state)``
     (e.g. :class:`SpadeForCausalLM`); its optional ``max_steps`` (int or None) bounds the
     decoding steps, checked before the first. ``on_token`` is called with each new (batch,)
-    id tensor as soon as it is sampled (the CLI streams text this way). Returns
-    (batch, prompt + new) ids.
+    id tensor as soon as it is sampled (the CLI streams text this way). With
+    ``eos_token_id``, a row that has produced it keeps producing it, and decoding stops
+    once every row has. Returns (batch, prompt + new) ids.
     """
     check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
+    if eos_token_id is not None and (_as_int(eos_token_id) is None or eos_token_id < 0):
+        raise ValueError(f"eos_token_id must be None or a token id >= 0, got {eos_token_id!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
         raise ValueError(f"input_ids must have shape (batch, prompt_length >= 1), got {got}")
@@ -140,11 +144,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         for t in range(input_ids.shape[1]):
             logits, state = model.step(input_ids[:, t], state)
         out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for i in range(max_new_tokens):
             next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_ids = next_ids.masked_fill(done, eos_token_id)
+                done = done | (next_ids == eos_token_id)
             out.append(next_ids[:, None])
             if on_token is not None:
                 on_token(next_ids)
+            if eos_token_id is not None and bool(done.all()):  # (a sync: only when asked)
+                break
             if i + 1 < max_new_tokens:  # the last token's logits would never be used
                 logits, state = model.step(next_ids, state)
         return torch.cat(out, dim=1)

@@ -22,6 +22,7 @@ what ``data.path`` holds and the model head, vocabulary and number of classes::
     image        cifar-10-batches-py/{data_batch_1..5,test_batch}          classifier, 256, 10
     pathfinder   imgs/, metadata/ (pathfinder{32,128}/curv_contour_length_14/)  classifier, 256, 2
     wikitext103  wiki.{train,valid,test}.tokens                            causal LM, from data
+    seq2seq      {train,val,test}.jsonl: {"source": ..., "target": ...}    encoder-decoder, 258
 
 Validation splits: ListOps has its own val file, Retrieval its ``eval`` file; Text and Image
 have none, so ``val_fraction`` of the training set (default 0.1) is carved out with
@@ -436,8 +437,58 @@ class WikiText103:
                 "seq_len": self.eval_seq_len, "context": self.context}
 
 
+# ----------------------------------------------------------------------------- seq2seq
+class Seq2Seq:
+    """Source -> target pairs (summarisation-style, paper Sec. 5.1) for the encoder-decoder:
+    ``data.path`` holds ``{train,val,test}.jsonl`` (see :mod:`spadeformer.data.seq2seq`).
+    Trained as an LM over the target bytes (teacher forcing): the loss is per target byte
+    (end-of-target included), logged as bits per byte."""
+
+    # 258 = data.seq2seq.SEQ2SEQ_VOCAB_SIZE: padding / start, 256 bytes, end of target
+    task = Task("seq2seq", "lm", "SpadeForConditionalGeneration", vocab_size=258)
+
+    def __init__(self, options: dict[str, Any]):
+        from spadeformer.data.lra_common import PadCollate
+
+        self.max_source_length = _int_option(options, "max_source_length", 4096)
+        self.max_target_length = _int_option(options, "max_target_length", 256)
+        self.keys = {}
+        for name, default in (("source_key", "source"), ("target_key", "target")):
+            value = options.get(name, default)
+            if not isinstance(value, str) or not value:
+                raise RunConfigError(f"data.{name} must be a JSON key (text), got {value!r}")
+            self.keys[name] = value
+        self.path = _path_option(options, "seq2seq", "{train,val,test}.jsonl")
+        self.collate_fn = PadCollate()
+        self._datasets: dict[str, Any] = {}
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence either side of the model sees (learned positions must hold
+        it)."""
+        return max(self.max_source_length, self.max_target_length)
+
+    def dataset(self, split: str):
+        from spadeformer.data.seq2seq import Seq2SeqDataset
+
+        _check_split(split)
+        if split not in self._datasets:
+            self._datasets[split] = Seq2SeqDataset(
+                self.path / f"{split}.jsonl", self.max_source_length, self.max_target_length,
+                **self.keys)
+        return self._datasets[split]
+
+    def baseline(self, split: str) -> dict[str, float]:
+        """What to beat: bits per target byte of the unigram model of the training targets
+        (counts plus one), every target id of ``split`` scored once."""
+        train, ids = self.dataset("train").target_ids(), self.dataset(split).target_ids()
+        counts = np.bincount(train, minlength=self.task.vocab_size).astype(np.float64) + 1.0
+        return {"unigram_bpb": float(-np.mean(np.log2(counts[ids] / counts.sum())))}
+
+
 SOURCES = {"stdlib": StdlibBytes, "listops": ListOps, "text": Text, "retrieval": Retrieval,
-           "image": Image, "pathfinder": Pathfinder, "wikitext103": WikiText103}
+           "image": Image, "pathfinder": Pathfinder, "wikitext103": WikiText103,
+           "seq2seq": Seq2Seq}
 
 
 def get_task(data_options: dict[str, Any]):
