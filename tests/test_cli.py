@@ -135,6 +135,8 @@ def test_eval_refuses_batch_counts_that_score_nothing(tmp_path, corpus_root, cap
     for flag, value in (("--max-batches", "0"), ("--max-batches", "-3"), ("--batch-size", "0")):
         assert main(["eval", "--run", str(run), flag, value]) == 2
         assert "must be a positive integer" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run), "--rouge"]) == 2  # a byte LM generates no targets
+    assert "not a seq2seq task" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_runs_settings(tmp_path, corpus_root, capsys):

@@ -232,7 +232,7 @@ def _load_run(run: str):
 
 
 def evaluate(run: str, split: str = "test", max_batches: int | None = None,
-             batch_size: int | None = None) -> dict[str, Any]:
+             batch_size: int | None = None, rouge: bool = False) -> dict[str, Any]:
     """Metrics of a trained run on a split, with the task's baseline for comparison.
 
     Runs on CUDA when it is available, else on the CPU. A WikiText-103 run reports the
@@ -242,6 +242,8 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
     (default 1: each window's full-vocabulary log-probabilities are held at once) and
     ``max_batches`` limits the windows scored. The baseline (``unigram_*``, majority / chance
     accuracy) is always the whole split's, also when ``max_batches`` scores only part of it.
+    ``rouge`` (seq2seq runs): also generate greedy targets for the scored sources and report
+    ROUGE-1 / 2 / L against the references (needs ``spadeformer[eval]``).
     """
     from spadeformer.training.distributed import resolve_device
     from spadeformer.training.trainer import evaluate_model
@@ -262,10 +264,16 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
     data = source.dataset(split)
     if batch_size is None:  # one training micro-step: what fit in memory for training
         batch_size = cfg["train"]["batch_size"] // cfg["train"].get("grad_accum", 1)
+    if rouge and not hasattr(source, "rouge"):
+        raise ValueError(f"--rouge scores generated text: run {run!r} trained "
+                         f"{source.task.model_class} on {source.task.name}, not a seq2seq task")
     metrics = evaluate_model(model, data, batch_size=batch_size,
                              task=source.task.objective, lm_metric=source.task.lm_metric,
                              max_batches=max_batches,
                              collate_fn=source.collate_fn)
+    if rouge:
+        examples = None if max_batches is None else max_batches * batch_size
+        metrics.update(source.rouge(model, split, batch_size, examples, device=device))
     return {"split": split, **metrics, **source.baseline(split)}
 
 
@@ -391,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split to score")
     p.add_argument("--max-batches", type=int, default=None,
                    help="score only this many batches (default: the whole split)")
+    p.add_argument("--rouge", action="store_true",
+                   help="seq2seq runs: also generate (greedy) for the scored sources and "
+                        "report ROUGE-1 / 2 / L F1 x100 (needs pip install 'spadeformer[eval]')")
     p.add_argument("--batch-size", type=int, default=None,
                    help="evaluation batch size (default: the run's train.batch_size / "
                         "train.grad_accum; WikiText-103: windows per batch, default 1)")
@@ -440,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             if _is_rank_zero():  # under torchrun every rank gets here
                 print(json.dumps(metrics, indent=2))
         elif args.command == "eval":
-            print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size),
+            print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size,
+                                      args.rouge),
                              indent=2))
         elif args.command == "generate":
             generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature,

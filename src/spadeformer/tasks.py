@@ -485,6 +485,26 @@ class Seq2Seq:
         counts = np.bincount(train, minlength=self.task.vocab_size).astype(np.float64) + 1.0
         return {"unigram_bpb": float(-np.mean(np.log2(counts[ids] / counts.sum())))}
 
+    def rouge(self, model, split: str, batch_size: int, max_examples: int | None = None,
+              device: Any = "cpu") -> dict[str, Any]:
+        """Greedy targets for the first ``max_examples`` sources of ``split`` (all: None), up
+        to ``data.max_target_length`` tokens each, scored against the whole references:
+        ``{"rouge1", "rouge2", "rougeL" (F1 x100), "rouge_examples"}``."""
+        from spadeformer.data.seq2seq import EOS_ID, decode_target
+        from spadeformer.metrics import rouge
+
+        data = self.dataset(split)
+        n = len(data) if max_examples is None else min(max_examples, len(data))
+        predictions = []
+        model.to(device)
+        for start in range(0, n, batch_size):
+            batch = self.collate_fn([data[i] for i in range(start, min(n, start + batch_size))])
+            out = model.generate(batch["input_ids"].to(device), self.max_target_length,
+                                 temperature=0, padding_mask=batch["padding_mask"].to(device),
+                                 eos_token_id=EOS_ID)
+            predictions += [decode_target(row) for row in out.cpu()]
+        return {**rouge(predictions, data.target_texts[:n]), "rouge_examples": n}
+
 
 SOURCES = {"stdlib": StdlibBytes, "listops": ListOps, "text": Text, "retrieval": Retrieval,
            "image": Image, "pathfinder": Pathfinder, "wikitext103": WikiText103,

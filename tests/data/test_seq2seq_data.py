@@ -101,3 +101,24 @@ def test_train_eval_generate_an_encoder_decoder_from_the_cli(tmp_path, pairs, ca
     assert main(["generate", "--run", str(run), "--prompt", "delta", "--max-new-tokens", "8",
                  "--temperature", "0"]) == 0
     assert "=> " in capsys.readouterr().out
+
+    # ROUGE of batched (padded) greedy generation == ROUGE of one source at a time
+    from spadeformer.metrics import rouge
+
+    scored = evaluate(str(run), "test", max_batches=1, batch_size=5, rouge=True)
+    rows = [json.loads(line) for line in (pairs / "test.jsonl").read_text().splitlines()][:5]
+    one_by_one = [generate_text(str(run), r["source"], max_new_tokens=12, temperature=0)
+                  for r in rows]
+    expected = rouge(one_by_one, [r["target"] for r in rows])
+    assert scored["rouge_examples"] == 5
+    for name in ("rouge1", "rouge2", "rougeL"):
+        assert scored[name] == pytest.approx(expected[name])
+
+
+def test_rouge_is_100_for_a_copy_and_0_for_disjoint_words():
+    from spadeformer.metrics import rouge
+
+    assert rouge(["the cats sat"], ["the cat sat"])["rouge1"] == 100.0  # stemmed
+    assert rouge(["dogs run"], ["the cat sat"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    with pytest.raises(ValueError, match="as many predictions as references"):
+        rouge(["a"], [])

@@ -70,11 +70,13 @@ class Seq2SeqDataset(Dataset):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.path = require_file(path, _LAYOUT)
         sources, targets = [], []
+        self.target_texts: list[str] = []  # whole, uncut: what ROUGE compares against
         with open(self.path, encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 source, target = _read_pair(line, self.path, line_no, source_key, target_key)
+                self.target_texts.append(target.decode("utf-8"))
                 sources.append(bytes_to_ids(source, max_source_length))
                 ids = np.append(bytes_to_ids(target), np.uint16(EOS_ID))
                 targets.append(ids[:max_target_length])
