@@ -39,7 +39,8 @@ def test_the_expected_presets_exist():
         "extractor-s4", "extractor-lstm", "bottom1", "bottom4", "bottom8", "all", "top1")}
     ablations |= {f"ablations/window{w}-seq{s}.yaml" for w in (128, 256, 512)
                   for s in ("2k", "3k", "4k", "6k")}
-    assert lra | lm | ablations | {"demo.yaml", "seq2seq/summarization.yaml"} == set(CONFIGS)
+    seq2seq = {"seq2seq/summarization.yaml", "seq2seq/pretrain-span-corruption.yaml"}
+    assert lra | lm | ablations | seq2seq | {"demo.yaml"} == set(CONFIGS)
     readme = (ROOT / "configs" / "README.md").read_text()
     assert "window{128,256,512}-seq{2k,3k,4k,6k}" in readme
     for name in CONFIGS:  # the table documents every preset
@@ -193,6 +194,9 @@ def write_seq2seq(root):
             words = " ".join(rng.choice(WORDS[:12], int(rng.integers(3, 12))))
             rows.append(json.dumps({"source": words, "target": words.split()[0]}))
         (root / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+        docs = [json.dumps({"text": " ".join(rng.choice(WORDS, 40))}) for _ in range(4)]
+        (root / "docs").mkdir(exist_ok=True)
+        (root / "docs" / f"{split}.jsonl").write_text("\n".join(docs) + "\n")
 
 
 def write_corpus(root):
@@ -259,6 +263,8 @@ def small_overrides(cfg: dict, data_root: Path) -> list[str]:
     elif name == "seq2seq":
         out += [f"data.path={data_root / 'seq2seq'}", "data.max_source_length=48",
                 "data.max_target_length=16"]
+    elif name == "span_corruption":
+        out += [f"data.path={data_root / 'seq2seq' / 'docs'}", "data.seq_len=48"]
     else:
         path = {"listops": "listops", "text": "aclImdb", "retrieval": "tsv_data",
                 "image": "cifar-10-batches-py",
@@ -321,8 +327,8 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
     objective = SOURCES[cfg["data"]["name"]]
     if getattr(objective, "task", None) is not None and isinstance(objective.task, Task):
         assert model["vocab_size"] == objective.task.vocab_size
-    assert ("val_accuracy" in metrics) == (cfg["data"]["name"] not in ("wikitext103", "stdlib",
-                                                                       "seq2seq"))
+    assert ("val_accuracy" in metrics) == (cfg["data"]["name"] not in (
+        "wikitext103", "stdlib", "seq2seq", "span_corruption"))
     saved = SpadeConfig.from_dict(json.loads((run / "model" / "config.json").read_text())["config"])
     assert saved.to_dict() == SpadeConfig.from_dict(model).to_dict()
 

@@ -35,6 +35,7 @@ DATA_OPTIONS: dict[str, tuple[str, ...]] = {
     "pathfinder": ("path", "size", "split_seed"),
     "wikitext103": ("path", "seq_len", "eval_seq_len", "context", "vocab_path", "cache_dir"),
     "seq2seq": ("path", "max_source_length", "max_target_length", "source_key", "target_key"),
+    "span_corruption": ("path", "seq_len", "noise_density", "mean_span_length", "text_key"),
 }
 
 

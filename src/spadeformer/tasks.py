@@ -22,7 +22,8 @@ what ``data.path`` holds and the model head, vocabulary and number of classes::
     image        cifar-10-batches-py/{data_batch_1..5,test_batch}          classifier, 256, 10
     pathfinder   imgs/, metadata/ (pathfinder{32,128}/curv_contour_length_14/)  classifier, 256, 2
     wikitext103  wiki.{train,valid,test}.tokens                            causal LM, from data
-    seq2seq      {train,val,test}.jsonl: {"source": ..., "target": ...}    encoder-decoder, 258
+    seq2seq      {train,val,test}.jsonl: {"source": ..., "target": ...}    encoder-decoder, 514
+    span_corruption  {train,val,test}.jsonl: {"text": ...} (C4)            encoder-decoder, 514
 
 Validation splits: ListOps has its own val file, Retrieval its ``eval`` file; Text and Image
 have none, so ``val_fraction`` of the training set (default 0.1) is carved out with
@@ -444,8 +445,9 @@ class Seq2Seq:
     Trained as an LM over the target bytes (teacher forcing): the loss is per target byte
     (end-of-target included), logged as bits per byte."""
 
-    # 258 = data.seq2seq.SEQ2SEQ_VOCAB_SIZE: padding / start, 256 bytes, end of target
-    task = Task("seq2seq", "lm", "SpadeForConditionalGeneration", vocab_size=258)
+    # 514 = data.seq2seq.SEQ2SEQ_VOCAB_SIZE: padding / start, 256 bytes, end of target, and
+    # 256 span-corruption sentinels (shared with the pre-training source)
+    task = Task("seq2seq", "lm", "SpadeForConditionalGeneration", vocab_size=514)
 
     def __init__(self, options: dict[str, Any]):
         from spadeformer.data.lra_common import PadCollate
@@ -506,9 +508,67 @@ class Seq2Seq:
         return {**rouge(predictions, data.target_texts[:n]), "rouge_examples": n}
 
 
+class SpanCorruption:
+    """T5's span-corruption pre-training for the encoder-decoder (paper Sec. 5.1), on
+    documents: ``data.path`` holds ``{train,val,test}.jsonl`` of ``{"text": ...}`` lines
+    (C4's format; see :mod:`spadeformer.data.span_corruption`). The vocabulary is the seq2seq
+    source's, so a pre-trained run fine-tunes there with ``model.init_from``."""
+
+    task = Task("span_corruption", "lm", "SpadeForConditionalGeneration", vocab_size=514)
+
+    def __init__(self, options: dict[str, Any]):
+        from spadeformer.data.lra_common import PadCollate
+
+        self.seq_len = _int_option(options, "seq_len", 512, minimum=2)
+        self.noise_density = options.get("noise_density", 0.15)
+        self.mean_span_length = options.get("mean_span_length", 3.0)
+        self.text_key = options.get("text_key", "text")
+        if not isinstance(self.text_key, str) or not self.text_key:
+            raise RunConfigError(f"data.text_key must be a JSON key (text), got "
+                                 f"{self.text_key!r}")
+        self.path = _path_option(options, "span_corruption", "{train,val,test}.jsonl")
+        self.collate_fn = PadCollate()
+        self._datasets: dict[str, Any] = {}
+        self._check_noise()
+
+    def _check_noise(self) -> None:
+        from spadeformer.data.span_corruption import check_noise_settings
+
+        try:
+            check_noise_settings(self.noise_density, self.mean_span_length)
+        except ValueError as err:
+            raise RunConfigError(f"data.{err}") from None
+
+    @property
+    def max_source_length(self) -> int:  # what `generate` cuts a source to
+        return self.seq_len
+
+    @property
+    def max_length(self) -> int:
+        return self.seq_len
+
+    def dataset(self, split: str):
+        from spadeformer.data.span_corruption import SpanCorruptionDataset
+
+        _check_split(split)
+        if split not in self._datasets:
+            self._datasets[split] = SpanCorruptionDataset(
+                self.path / f"{split}.jsonl", self.seq_len, self.noise_density,
+                self.mean_span_length, self.text_key, seed=SPLITS.index(split))
+        return self._datasets[split]
+
+    def baseline(self, split: str) -> dict[str, float]:
+        """What to beat: bits per target token of the unigram model of the split's own
+        corrupted targets (counts plus one; an upper bound a model should go far below)."""
+        data = self.dataset(split)
+        ids = np.concatenate([data[i]["labels"].numpy() for i in range(len(data))])
+        counts = np.bincount(ids, minlength=self.task.vocab_size).astype(np.float64) + 1.0
+        return {"unigram_bpb": float(-np.mean(np.log2(counts[ids] / counts.sum())))}
+
+
 SOURCES = {"stdlib": StdlibBytes, "listops": ListOps, "text": Text, "retrieval": Retrieval,
            "image": Image, "pathfinder": Pathfinder, "wikitext103": WikiText103,
-           "seq2seq": Seq2Seq}
+           "seq2seq": Seq2Seq, "span_corruption": SpanCorruption}
 
 
 def get_task(data_options: dict[str, Any]):

@@ -36,7 +36,7 @@ def test_pairs_become_byte_ids_with_an_end_token(tmp_path):
     assert decode_target(encode_source("héllo").tolist() + [EOS_ID, 66]) == "héllo"
     batch = PadCollate()([ds[0], ds[1]])
     assert batch["padding_mask"].shape == (2, 20) and batch["labels"][0, 3:].eq(-100).all()
-    assert SOURCES["seq2seq"].task.vocab_size == SEQ2SEQ_VOCAB_SIZE == 258
+    assert SOURCES["seq2seq"].task.vocab_size == SEQ2SEQ_VOCAB_SIZE == 514
 
 
 def test_corrupt_lines_name_the_file_and_line(tmp_path):
@@ -46,7 +46,7 @@ def test_corrupt_lines_name_the_file_and_line(tmp_path):
                                                r"missing \(keys: \['source'\]"),
                         ('{"source": "", "target": "b"}\n', r"'source' must be a non-empty"),
                         ('{"source": "a", "target": "b"\n', r":1: not a JSON object"),
-                        ("\n\n", "no pairs")]:
+                        ("\n\n", "no JSON lines")]:
         path.write_text(text)
         with pytest.raises(CorruptFileError, match=match):
             Seq2SeqDataset(path)
@@ -122,3 +122,20 @@ def test_rouge_is_100_for_a_copy_and_0_for_disjoint_words():
     assert rouge(["dogs run"], ["the cat sat"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     with pytest.raises(ValueError, match="as many predictions as references"):
         rouge(["a"], [])
+
+
+def test_span_corruption_pre_training_fine_tunes_on_pairs(tmp_path, pairs, capsys):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for split in ("train", "val", "test"):
+        write(docs / f"{split}.jsonl", [{"text": "the quick brown fox jumps " * 4}] * 6)
+    model_args = [a for a in TINY if a.startswith("model.")]
+    train_args = ["train.batch_size=4", "train.steps=2", "train.eval_batches=1",
+                  "train.progress=false", "train.warmup_steps=0"]
+    assert main(["train", "--out", str(tmp_path / "pre"), "data.name=span_corruption",
+                 f"data.path={docs}", "data.seq_len=32", *model_args, *train_args]) == 0
+    assert evaluate(str(tmp_path / "pre"), "val")["unigram_bpb"] > 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "sum"), f"data.path={pairs}", *TINY,
+                 "train.steps=2", f"model.init_from={tmp_path / 'pre'}"]) == 0
+    assert "fresh: none; not used: none" in capsys.readouterr().err  # one vocabulary, one model

@@ -5,10 +5,13 @@ source and the target (keys ``source`` / ``target`` by default; e.g. ``article``
 ``abstract`` for the arXiv summarisation set, ``document`` / ``summary`` for XSum).
 
 Tokens are UTF-8 bytes, as in LRA Text: byte ``b`` -> id ``b + 1``, id 0 = padding (which is
-also the decoder's start token, as in T5), and id 257 = end of target (``EOS_ID``), appended to
-every target so a model learns where to stop. Items: ``{"input_ids": (S,) source ids,
-"labels": (T,) target ids ending in EOS_ID}`` (int64); :class:`~spadeformer.data.lra_common.
-PadCollate` pads sources (with ``padding_mask``) and targets (with -100).
+also the decoder's start token, as in T5), id 257 = end of target (``EOS_ID``), appended to
+every target so a model learns where to stop, and ids 258 .. 513 the sentinels of T5's span
+corruption (:mod:`spadeformer.data.span_corruption`), so that a model pre-trained that way
+and one fine-tuned on pairs share one vocabulary of ``SEQ2SEQ_VOCAB_SIZE = 514``. Items:
+``{"input_ids": (S,) source ids, "labels": (T,) target ids ending in EOS_ID}`` (int64);
+:class:`~spadeformer.data.lra_common.PadCollate` pads sources (with ``padding_mask``) and
+targets (with -100).
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from spadeformer.data.lra_common import (
     require_file,
 )
 
-__all__ = ["EOS_ID", "SEQ2SEQ_VOCAB_SIZE", "Seq2SeqDataset", "decode_target", "encode_source"]
+__all__ = ["EOS_ID", "FIRST_SENTINEL_ID", "NUM_SENTINELS", "SEQ2SEQ_VOCAB_SIZE",
+           "Seq2SeqDataset", "decode_target", "encode_source", "read_jsonl_fields"]
 
 EOS_ID = 256 + BYTE_OFFSET  # 257: after the 256 byte ids
-SEQ2SEQ_VOCAB_SIZE = EOS_ID + 1
+FIRST_SENTINEL_ID = EOS_ID + 1  # 258: span corruption's sentinel i is FIRST_SENTINEL_ID + i
+NUM_SENTINELS = 256  # byte tokens make many spans: ~26 per 512 bytes at T5's noise settings
+SEQ2SEQ_VOCAB_SIZE = FIRST_SENTINEL_ID + NUM_SENTINELS  # 514
 _LAYOUT = "<path>/{train,val,test}.jsonl, one {\"source\": ..., \"target\": ...} per line"
 
 
@@ -43,7 +49,8 @@ def encode_source(text: str, max_length: int | None = None) -> torch.Tensor:
 
 
 def decode_target(ids: Sequence[int] | torch.Tensor) -> str:
-    """Target ids -> text: up to the first EOS_ID, padding dropped, invalid UTF-8 replaced."""
+    """Target ids -> text: up to the first EOS_ID, padding and sentinels dropped, invalid
+    UTF-8 replaced."""
     out = bytearray()
     for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids):
         if i == EOS_ID:
@@ -71,17 +78,11 @@ class Seq2SeqDataset(Dataset):
         self.path = require_file(path, _LAYOUT)
         sources, targets = [], []
         self.target_texts: list[str] = []  # whole, uncut: what ROUGE compares against
-        with open(self.path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                source, target = _read_pair(line, self.path, line_no, source_key, target_key)
-                self.target_texts.append(target.decode("utf-8"))
-                sources.append(bytes_to_ids(source, max_source_length))
-                ids = np.append(bytes_to_ids(target), np.uint16(EOS_ID))
-                targets.append(ids[:max_target_length])
-        if not sources:
-            raise CorruptFileError(f"{self.path}: no pairs (every line is empty)")
+        for source, target in read_jsonl_fields(self.path, (source_key, target_key)):
+            self.target_texts.append(target.decode("utf-8"))
+            sources.append(bytes_to_ids(source, max_source_length))
+            ids = np.append(bytes_to_ids(target), np.uint16(EOS_ID))
+            targets.append(ids[:max_target_length])
         self.sources = RaggedArray(sources, dtype=np.uint16)
         self.targets = RaggedArray(targets, dtype=np.uint16)
 
@@ -97,9 +98,20 @@ class Seq2SeqDataset(Dataset):
         return self.targets.data.astype(np.int64)
 
 
-def _read_pair(line: str, path: Path, line_no: int, source_key: str,
-               target_key: str) -> tuple[bytes, bytes]:
-    where = f"{path}:{line_no}"
+def read_jsonl_fields(path: Path, keys: Sequence[str]) -> list[tuple[bytes, ...]]:
+    """The UTF-8 bytes of the string fields ``keys`` of every JSON object line of ``path``
+    (empty lines skipped); a CorruptFileError names ``path:line`` for anything else."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                rows.append(_read_fields(line, f"{path}:{line_no}", keys))
+    if not rows:
+        raise CorruptFileError(f"{path}: no JSON lines (every line is empty)")
+    return rows
+
+
+def _read_fields(line: str, where: str, keys: Sequence[str]) -> tuple[bytes, ...]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
@@ -107,12 +119,12 @@ def _read_pair(line: str, path: Path, line_no: int, source_key: str,
     if not isinstance(obj, dict):
         raise CorruptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     out = []
-    for key in (source_key, target_key):
+    for key in keys:
         value = obj.get(key)
         if not isinstance(value, str) or not value:
             got = "missing" if key not in obj else repr(value)[:40]
             raise CorruptFileError(f"{where}: {key!r} must be a non-empty string, got {got} "
-                                   f"(keys: {sorted(obj)}; set data.source_key / "
-                                   "data.target_key for other names)")
+                                   f"(keys: {sorted(obj)}; the data.*_key options name "
+                                   "other fields)")
         out.append(value.encode("utf-8"))
-    return out[0], out[1]
+    return tuple(out)
