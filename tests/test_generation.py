@@ -228,3 +228,5 @@ def test_eos_token_stops_each_row_and_then_the_loop():
     assert both[1, 2 : 2 + stop1].tolist() == row1[:stop1]
     with pytest.raises(ValueError, match="eos_token_id"):
         generate(model, prompt, 2, eos_token_id=-1)
+    with pytest.raises(ValueError, match="not an id of this model's vocabulary"):
+        generate(model, prompt, 2, eos_token_id=10_000)

@@ -174,7 +174,8 @@ def _check_learned_positions(model_config, source) -> None:
 
     if model_config.position != "learned":
         return
-    for key in ("seq_len", "eval_seq_len", "max_length"):
+    for key in ("seq_len", "eval_seq_len", "max_length", "max_source_length",
+                "max_target_length"):  # each a data.* option of some source
         length = getattr(source, key, None)
         if isinstance(length, int) and length > model_config.max_position:
             raise RunConfigError(
@@ -331,8 +332,8 @@ def _generate_target(model, source_text: str, max_new_tokens: int, temperature: 
         raise ValueError("prompt (the source text) must not be empty")
     check_decoding_length(model, 1, max_new_tokens)
     decoder = _Utf8Stream(stream)
-    if echo_prompt and stream is not None:
-        stream.write(source_text + "\n=> ")
+    if echo_prompt and stream is not None:  # what the model reads: cut as in training
+        stream.write(decode_target(source_ids[0]) + "\n=> ")
 
     def on_token(ids):
         if 1 <= int(ids[0]) < EOS_ID:  # a byte (ids are bytes + 1); not padding, not the end

@@ -18,11 +18,26 @@ from torch import nn
 
 from spadeformer.ssm.base import check_padding_mask, check_positive, check_sequence
 
-__all__ = ["CrossAttention", "MemoryKV"]
+__all__ = ["CrossAttention", "MemoryKV", "keep_mask"]
 
 MemoryKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 """(key, value, keep): key / value (batch, heads, source_length, head_dim), keep (batch, 1, 1,
 source_length) bool (True = a real source token) or None when nothing is padded."""
+
+
+def keep_mask(padding_mask: torch.Tensor | None,
+              name: str = "memory_padding_mask") -> torch.Tensor | None:
+    """(batch, S) bool, True = padded -> (batch, 1, 1, S) bool, True = attended (None stays
+    None). A row with no real token would give softmax over nothing: refused, naming
+    ``name``."""
+    if padding_mask is None:
+        return None
+    empty = padding_mask.all(dim=1)
+    if empty.any():
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(f"{name} pads every source token of rows {rows}; each row needs at "
+                         "least one real token to attend to")
+    return ~padding_mask[:, None, None, :]
 
 
 class CrossAttention(nn.Module):
@@ -56,13 +71,11 @@ class CrossAttention(nn.Module):
         """memory (batch, S, d_model) -> its keys, values and keep-mask (see :data:`MemoryKV`)."""
         check_sequence(memory, self.d_model, "memory")
         check_padding_mask(memory_padding_mask, memory.shape[0], memory.shape[1])
-        keep = None
-        if memory_padding_mask is not None:
-            if memory_padding_mask.all(dim=1).any():
-                rows = memory_padding_mask.all(dim=1).nonzero().flatten().tolist()
-                raise ValueError(f"memory_padding_mask pads every source token of rows {rows}; "
-                                 "each row needs at least one real token to attend to")
-            keep = ~memory_padding_mask[:, None, None, :]
+        return self.project(memory, keep_mask(memory_padding_mask))
+
+    def project(self, memory: torch.Tensor, keep: torch.Tensor | None) -> MemoryKV:
+        """:meth:`project_memory` given the :func:`keep_mask`, without the input checks (a
+        model with many layers checks its memory once)."""
         key = rearrange(self.k_proj(memory), "b s (h d) -> b h s d", h=self.n_heads)
         value = rearrange(self.v_proj(memory), "b s (h d) -> b h s d", h=self.n_heads)
         return key, value, keep

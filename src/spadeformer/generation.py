@@ -143,6 +143,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         state = model.initial_state(input_ids.shape[0])
         for t in range(input_ids.shape[1]):
             logits, state = model.step(input_ids[:, t], state)
+        if eos_token_id is not None and eos_token_id >= logits.shape[-1]:
+            raise ValueError(f"eos_token_id={eos_token_id} is not an id of this model's "
+                             f"vocabulary of {logits.shape[-1]} tokens")
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         for i in range(max_new_tokens):

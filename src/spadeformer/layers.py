@@ -70,13 +70,19 @@ class _Block(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
+    def _sublayer(self, x: torch.Tensor, f, norm: nn.Module, dropout: bool = True
+                  ) -> torch.Tensor:
+        """One residual sub-layer: pre-LN x + f(LN(x)), post-LN LN(x + f(x)); residual dropout
+        on f's output unless f applies its own (the feed-forward does)."""
+        drop = self.dropout if dropout else (lambda y: y)
+        if self.norm_placement == "pre":
+            return x + drop(f(norm(x)))
+        return norm(x + drop(f(x)))
+
     def _residual(self, x: torch.Tensor, mix) -> torch.Tensor:
         """mix: callable (normalised or raw input) -> token-mixed output, same shape."""
-        if self.norm_placement == "pre":
-            x = x + self.dropout(mix(self.norm_mix(x)))
-            return x + self.ffn(self.norm_ffn(x))
-        x = self.norm_mix(x + self.dropout(mix(x)))
-        return self.norm_ffn(x + self.ffn(x))
+        x = self._sublayer(x, mix, self.norm_mix)
+        return self._sublayer(x, self.ffn, self.norm_ffn, dropout=False)
 
 
 class LocalLayer(_Block):
@@ -205,20 +211,11 @@ class DecoderLayer(_Block):
         self.cross_attn = cross_attention
         self.norm_cross = nn.LayerNorm(d_model)
 
-    def _cross(self, x: torch.Tensor, memory_kv: MemoryKV) -> torch.Tensor:
-        if self.norm_placement == "pre":
-            return x + self.dropout(self.cross_attn.attend(self.norm_cross(x), memory_kv))
-        return self.norm_cross(x + self.dropout(self.cross_attn.attend(x, memory_kv)))
-
     def _sublayers(self, x: torch.Tensor, self_mix, memory_kv: MemoryKV) -> torch.Tensor:
         """Self-attention, cross-attention, feed-forward, each with its residual and norm."""
-        if self.norm_placement == "pre":
-            x = x + self.dropout(self_mix(self.norm_mix(x)))
-            x = self._cross(x, memory_kv)
-            return x + self.ffn(self.norm_ffn(x))
-        x = self.norm_mix(x + self.dropout(self_mix(x)))
-        x = self._cross(x, memory_kv)
-        return self.norm_ffn(x + self.ffn(x))
+        x = self._sublayer(x, self_mix, self.norm_mix)
+        x = self._sublayer(x, lambda h: self.cross_attn.attend(h, memory_kv), self.norm_cross)
+        return self._sublayer(x, self.ffn, self.norm_ffn, dropout=False)
 
     def forward(self, x: torch.Tensor, memory_kv: MemoryKV) -> torch.Tensor:
         """x (batch, T, d_model) -> (batch, T, d_model)."""

@@ -127,6 +127,13 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
 
 
+def _unigram_nll(train: np.ndarray, ids: np.ndarray, vocab_size: int) -> float:
+    """Mean NLL (nats) of ``ids`` under the unigram model of ``train``, counts plus one (an id
+    unseen in training still has a finite cost)."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    return float(-np.mean(np.log(counts[ids] / counts.sum())))
+
+
 def _labels(dataset: Any) -> np.ndarray:
     """Integer labels of an LRA dataset (or a Subset of one) without decoding its inputs."""
     from torch.utils.data import Subset
@@ -404,9 +411,7 @@ class WikiText103:
         a token unseen in training still has a finite cost), every token scored once as in
         :func:`~spadeformer.data.wikitext.eval_stream`."""
         train, ids = self.stream("train"), self.stream(split)
-        counts = np.bincount(train, minlength=len(self.vocab)).astype(np.float64) + 1.0
-        nll = -np.mean(np.log(counts[ids] / counts.sum()))
-        return {"unigram_ppl": float(math.exp(nll))}
+        return {"unigram_ppl": math.exp(_unigram_nll(train, ids, len(self.vocab)))}
 
     def perplexity(self, model, split: str, batch_size: int = 1,
                    max_windows: int | None = None, device: Any = "cpu") -> dict[str, Any]:
@@ -464,12 +469,6 @@ class Seq2Seq:
         self.collate_fn = PadCollate()
         self._datasets: dict[str, Any] = {}
 
-    @property
-    def max_length(self) -> int:
-        """The longest sequence either side of the model sees (learned positions must hold
-        it)."""
-        return max(self.max_source_length, self.max_target_length)
-
     def dataset(self, split: str):
         from spadeformer.data.seq2seq import Seq2SeqDataset
 
@@ -484,8 +483,7 @@ class Seq2Seq:
         """What to beat: bits per target byte of the unigram model of the training targets
         (counts plus one), every target id of ``split`` scored once."""
         train, ids = self.dataset("train").target_ids(), self.dataset(split).target_ids()
-        counts = np.bincount(train, minlength=self.task.vocab_size).astype(np.float64) + 1.0
-        return {"unigram_bpb": float(-np.mean(np.log2(counts[ids] / counts.sum())))}
+        return {"unigram_bpb": _unigram_nll(train, ids, self.task.vocab_size) / math.log(2)}
 
     def rouge(self, model, split: str, batch_size: int, max_examples: int | None = None,
               device: Any = "cpu") -> dict[str, Any]:
@@ -543,10 +541,6 @@ class SpanCorruption:
     def max_source_length(self) -> int:  # what `generate` cuts a source to
         return self.seq_len
 
-    @property
-    def max_length(self) -> int:
-        return self.seq_len
-
     def dataset(self, split: str):
         from spadeformer.data.span_corruption import SpanCorruptionDataset
 
@@ -562,8 +556,7 @@ class SpanCorruption:
         corrupted targets (counts plus one; an upper bound a model should go far below)."""
         data = self.dataset(split)
         ids = np.concatenate([data[i]["labels"].numpy() for i in range(len(data))])
-        counts = np.bincount(ids, minlength=self.task.vocab_size).astype(np.float64) + 1.0
-        return {"unigram_bpb": float(-np.mean(np.log2(counts[ids] / counts.sum())))}
+        return {"unigram_bpb": _unigram_nll(ids, ids, self.task.vocab_size) / math.log(2)}
 
 
 SOURCES = {"stdlib": StdlibBytes, "listops": ListOps, "text": Text, "retrieval": Retrieval,

@@ -50,6 +50,12 @@ def test_corrupt_lines_name_the_file_and_line(tmp_path):
         path.write_text(text)
         with pytest.raises(CorruptFileError, match=match):
             Seq2SeqDataset(path)
+    path.write_bytes(b'{"source": "a", "target": "b"}\n{"source": "\xff", "target": "b"}\n')
+    with pytest.raises(CorruptFileError, match=r"val.jsonl:2: not UTF-8 text"):
+        Seq2SeqDataset(path)
+    path.write_text('{"source": "a\\ud800", "target": "b"}\n')  # an escaped lone surrogate
+    with pytest.raises(CorruptFileError, match=r":1: 'source' holds an unpaired surrogate"):
+        Seq2SeqDataset(path)
     write(path, [{"article": "long text", "abstract": "short"}])
     ds = Seq2SeqDataset(path, source_key="article", target_key="abstract")
     assert decode_target(ds[0]["labels"]) == "short"
@@ -96,6 +102,10 @@ def test_train_eval_generate_an_encoder_decoder_from_the_cli(tmp_path, pairs, ca
     text = generate_text(str(run), "gamma beta alpha", max_new_tokens=12, temperature=0,
                          stream=stream, echo_prompt=True)
     assert stream.getvalue() == "gamma beta alpha\n=> " + text + "\n"
+    stream = io.StringIO()
+    generate_text(str(run), "x" * 100, max_new_tokens=2, temperature=0, stream=stream,
+                  echo_prompt=True)
+    assert stream.getvalue().startswith("x" * 64 + "\n=> ")  # what the model reads (64 bytes)
     assert len(text.encode()) <= 11  # stopped at the end token (or the budget)
     capsys.readouterr()
     assert main(["generate", "--run", str(run), "--prompt", "delta", "--max-new-tokens", "8",
@@ -113,6 +123,14 @@ def test_train_eval_generate_an_encoder_decoder_from_the_cli(tmp_path, pairs, ca
     assert scored["rouge_examples"] == 5
     for name in ("rouge1", "rouge2", "rougeL"):
         assert scored[name] == pytest.approx(expected[name])
+
+
+def test_learned_positions_name_the_seq2seq_length_option(tmp_path, pairs, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), f"data.path={pairs}", *TINY,
+                 "model.preset=transformer-window", "model.position=learned",
+                 "model.max_position=32", "train.steps=1"]) == 2
+    assert "data.max_source_length=64 is longer than model.max_position=32" in (
+        capsys.readouterr().err)
 
 
 def test_rouge_is_100_for_a_copy_and_0_for_disjoint_words():

@@ -180,3 +180,30 @@ def test_bad_configs_and_inputs_are_refused():
         model(src, decoder_input_ids=torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(src, -1)
+
+
+def test_generate_keeps_the_modules_mode_and_checks_its_arguments_first():
+    model = SpadeForConditionalGeneration(tiny(dropout=0.2, max_position=6,
+                                               position="learned", system="transformer-window"))
+    src = torch.randint(1, VOCAB, (2, 5))
+    for mode in (False, True):
+        model.train(mode)
+        model.generate(src, 3, temperature=0)
+        assert model.training is mode and all(m.training is mode for m in model.modules())
+    calls = []
+    model.backbone.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="at most 6"):  # refused before encoding the source
+        model.generate(src, 8)
+    with pytest.raises(ValueError, match="eos_token_id must be None or an id in"):
+        model.generate(src, 2, eos_token_id=VOCAB)
+    assert calls == []
+
+
+def test_errors_name_the_argument_the_caller_passed():
+    model = SpadeForConditionalGeneration(tiny())
+    src = torch.randint(1, VOCAB, (2, 5))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(src, labels=torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"padding_mask pads every source token of rows \[1\]"):
+        model(src, labels=torch.ones(2, 3, dtype=torch.long),
+              padding_mask=torch.tensor([[False] * 5, [True] * 5]))

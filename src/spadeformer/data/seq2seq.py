@@ -102,8 +102,12 @@ def read_jsonl_fields(path: Path, keys: Sequence[str]) -> list[tuple[bytes, ...]
     """The UTF-8 bytes of the string fields ``keys`` of every JSON object line of ``path``
     (empty lines skipped); a CorruptFileError names ``path:line`` for anything else."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a bad byte is reported with its line
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CorruptFileError(f"{path}:{line_no}: not UTF-8 text ({err})") from None
             if line.strip():
                 rows.append(_read_fields(line, f"{path}:{line_no}", keys))
     if not rows:
@@ -126,5 +130,9 @@ def _read_fields(line: str, where: str, keys: Sequence[str]) -> tuple[bytes, ...
             raise CorruptFileError(f"{where}: {key!r} must be a non-empty string, got {got} "
                                    f"(keys: {sorted(obj)}; the data.*_key options name "
                                    "other fields)")
-        out.append(value.encode("utf-8"))
+        try:
+            out.append(value.encode("utf-8"))
+        except UnicodeEncodeError:  # JSON allows an escaped lone surrogate ("\ud800")
+            raise CorruptFileError(f"{where}: {key!r} holds an unpaired surrogate escape, "
+                                   "which is no text") from None
     return tuple(out)

@@ -102,8 +102,11 @@ class SpadeModel(PretrainedMixin, nn.Module):
             position_bias=c.position if c.position in ("t5", "shaw") else None,
         )
 
-    def _embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """input_ids (batch, length) -> (batch, length, d_model); start = first position."""
+    def _embed(self, input_ids: torch.Tensor, start: int = 0,
+               pos_table: nn.Embedding | None = None) -> torch.Tensor:
+        """input_ids (batch, length) -> (batch, length, d_model); start = first position.
+        ``pos_table``: the learned positions to add (default this model's; the
+        encoder-decoder's decoder passes its own)."""
         x = self.embed(input_ids.long()) * self.embed_scale
         c = self.config
         if c.position in ("sinusoidal", "learned"):
@@ -114,7 +117,7 @@ class SpadeModel(PretrainedMixin, nn.Module):
                         f"sequence reaches position {start + input_ids.shape[1]} but "
                         f"position='learned' has max_position={c.max_position}"
                     )
-                x = x + self.pos_embed(pos)
+                x = x + (self.pos_embed if pos_table is None else pos_table)(pos)
             else:
                 x = x + sinusoidal_positions(pos, c.d_model).to(x.dtype)
         return self.embed_dropout(x)

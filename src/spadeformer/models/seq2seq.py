@@ -27,12 +27,13 @@ from torch import nn
 
 from spadeformer.attention import Attention
 from spadeformer.config import SpadeConfig
-from spadeformer.cross_attention import CrossAttention
+from spadeformer.cross_attention import CrossAttention, keep_mask
 from spadeformer.layers import DecoderLayer
-from spadeformer.models.backbone import SpadeModel, _check_ids, sinusoidal_positions
+from spadeformer.models.backbone import SpadeModel, _check_ids
 from spadeformer.models.heads import IGNORE_INDEX, _padding_mask
 from spadeformer.models.io import PretrainedMixin
 from spadeformer.models.outputs import ModelOutput
+from spadeformer.ssm.base import check_padding_mask, check_sequence
 
 __all__ = ["SpadeForConditionalGeneration", "shift_right"]
 
@@ -98,24 +99,16 @@ class SpadeForConditionalGeneration(PretrainedMixin, nn.Module):
 
     def _embed_decoder(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Decoder ids (batch, T) -> (batch, T, d_model): the shared table, scaled as the
-        encoder's, plus absolute positions when ``config.position`` has them."""
-        c = self.config
-        x = self.backbone.embed(ids.long()) * self.backbone.embed_scale
-        if c.position in ("sinusoidal", "learned"):
-            end = start + ids.shape[1]
-            pos = torch.arange(start, end, device=ids.device)
-            if c.position == "learned":
-                if end > c.max_position:
-                    raise ValueError(f"target reaches position {end} but position='learned' "
-                                     f"has max_position={c.max_position}")
-                x = x + self.decoder_pos_embed(pos)
-            else:
-                x = x + sinusoidal_positions(pos, c.d_model).to(x.dtype)
-        return self.backbone.embed_dropout(x)
+        encoder's, plus absolute positions (the decoder's own learned table) when
+        ``config.position`` has them."""
+        return self.backbone._embed(ids, start, getattr(self, "decoder_pos_embed", None))
 
     def _memory_kv(self, memory: torch.Tensor, padding_mask: torch.Tensor | None) -> list:
-        return [layer.cross_attn.project_memory(memory, padding_mask)
-                for layer in self.decoder_layers]
+        """Each decoder layer's projected memory; the memory is checked once, not per layer."""
+        check_sequence(memory, self.config.d_model, "memory")
+        check_padding_mask(padding_mask, memory.shape[0], memory.shape[1])
+        keep = keep_mask(padding_mask, "padding_mask")
+        return [layer.cross_attn.project(memory, keep) for layer in self.decoder_layers]
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,23 +189,32 @@ class SpadeForConditionalGeneration(PretrainedMixin, nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  padding_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """Encode ``input_ids`` (batch, S) once, then sample ``max_new_tokens`` target tokens
-        after ``decoder_start_token_id``: -> (batch, max_new_tokens). Sampling arguments as
+        """Encode ``input_ids`` (batch, S) once, then sample up to ``max_new_tokens`` target
+        tokens after ``decoder_start_token_id``: -> (batch, <= max_new_tokens) (fewer when
+        every row reached ``eos_token_id``; finished rows repeat it). Sampling arguments as
         :func:`spadeformer.generation.generate` (temperature 0 = greedy)."""
-        from spadeformer.generation import check_generate_args, generate
+        from spadeformer.generation import check_decoding_length, check_generate_args, generate
 
         check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
+        check_decoding_length(self, 1, max_new_tokens)  # before encoding a long source
+        eos = kwargs.get("eos_token_id")
+        if eos is not None and not (isinstance(eos, int) and 0 <= eos < self.config.vocab_size):
+            raise ValueError(f"eos_token_id must be None or an id in [0, vocab_size="
+                             f"{self.config.vocab_size}), got {eos!r}")
+        device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         try:
-            memory, mask = self.encode(input_ids.to(next(self.parameters()).device),
-                                       padding_mask)
+            memory, mask = self.encode(input_ids.to(device), None if padding_mask is None
+                                       else padding_mask.to(device))
+            start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id,
+                               dtype=torch.long, device=device)
+            bound = _BoundDecoder(self, memory, mask)
+            bound.training = False  # generate() restores this, not the module's own mode
+            out = generate(bound, start, max_new_tokens, temperature=temperature, top_k=top_k,
+                           top_p=top_p, seed=seed, **kwargs)
         finally:
             self.train(was_training)
-        start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_token_id,
-                           dtype=torch.long, device=memory.device)
-        out = generate(_BoundDecoder(self, memory, mask), start, max_new_tokens,
-                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kwargs)
         return out[:, 1:]
 
 
@@ -241,6 +243,9 @@ def _check_labels(labels: Any, vocab_size: int) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2 or labels.shape[1] < 1:
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must have shape (batch, target_length >= 1), got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids (-100 = ignored), got "
+                        f"{labels.dtype}")
     real = labels[labels != IGNORE_INDEX]
     if real.numel() and (real.min() < 0 or real.max() >= vocab_size):
         raise ValueError(f"labels must hold ids in [0, vocab_size={vocab_size}) or -100, got "
