@@ -281,6 +281,9 @@ def test_init_from_starts_a_fresh_run_from_saved_weights(tmp_path, corpus_root, 
     b = SpadeForCausalLM.from_pretrained(tmp_path / "b" / "model").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert "init_from:" in (tmp_path / "b" / "run_config.yaml").read_text()
+    # a plain --resume of the fine-tuned run: init_from is a record there, not a setting
+    with pytest.warns(UserWarning, match=r"changed settings \['steps'\]"):
+        assert main(["train", "--out", str(tmp_path / "b"), "--resume", "train.steps=6"]) == 0
     assert main(["train", "--out", str(tmp_path / "b"), "--resume",
                  f"model.init_from={tmp_path / 'a'}"]) == 2
     assert "drop model.init_from" in capsys.readouterr().err

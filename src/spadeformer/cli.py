@@ -102,7 +102,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
             resolved["model"]["init_from"] = str(init_from)
         text = f"# task: {task.name}\n" + yaml.safe_dump(resolved, sort_keys=False)
         atomic_write(out_dir / RUN_CONFIG, lambda tmp: Path(tmp).write_text(text))
-    if resume and trainer.step >= train_config.steps and main_process:
+    if resume and trainer.step >= train_config.steps and main_process and (
+            not trainer.validation_pending):
         _say(f"the run is already at step {trainer.step} of train.steps={train_config.steps}: "
              f"nothing to train; pass train.steps=N (N > {trainer.step}) to train it further")
     metrics = trainer.fit()
@@ -153,8 +154,10 @@ def _check_same_run(out: str, saved: dict[str, Any], model: dict[str, Any],
         return [f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})"
                 for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
-    # through SpadeConfig: fields added since the run was made take their defaults
-    changed = changes("model", SpadeConfig.from_dict(saved["model"]).to_dict(), model)
+    # through SpadeConfig: fields added since the run was made take their defaults; init_from
+    # records how the run started, it is no model setting
+    saved_model = {k: v for k, v in saved["model"].items() if k != "init_from"}
+    changed = changes("model", SpadeConfig.from_dict(saved_model).to_dict(), model)
     if changed:
         how = ("resume without --config to reuse the run's settings (overrides may then change "
                "train.* and data.*)" if with_config else "drop the model.* overrides")

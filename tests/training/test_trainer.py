@@ -176,6 +176,60 @@ def test_a_failing_validation_keeps_the_training_done(tmp_path, data):
     assert CheckpointManager(tmp_path / "run" / "checkpoints").pointer("last")["step"] == 4
     resumed = Trainer(TinyLM(dropout=0.0), train, val, cfg(steps=4, eval_every=0, save_every=0),
                       tmp_path / "run", resume=True)
+    assert resumed.step == 4 and resumed.validation_pending
+    resumed.fit()  # nothing left to train, but the failed validation runs now
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "val")] == [4]
+    best = CheckpointManager(tmp_path / "run" / "checkpoints").pointer("best")
+    assert best["step"] == 4 and not resumed.validation_pending
+
+
+def test_a_micro_batch_without_targets_is_refused_by_name(tmp_path):
+    class HalfIgnored(_VariableLengthLM):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return item if i % 2 else {**item, "labels": torch.full_like(item["labels"], -100)}
+
+    sampler_free = cfg(steps=1, batch_size=2, grad_accum=2, warmup_steps=0, eval_every=0,
+                       save_every=0)
+    trainer = Trainer(TinyLM(dropout=0.0), HalfIgnored(), None, sampler_free, tmp_path / "r")
+    with pytest.raises(ValueError, match=r"update 1: [12] micro-batch\(es\) hold no counted"):
+        trainer.fit()
+
+
+def test_validation_scores_the_same_examples_whatever_grad_accum(tmp_path, data):
+    train, val = data
+    losses = []
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        trainer = Trainer(TinyLM(dropout=0.0), train, val,
+                          cfg(steps=2, grad_accum=accum, eval_batches=2, eval_every=0,
+                              save_every=0), tmp_path / f"a{accum}")
+        trainer.fit()
+        losses.append(read_metrics(tmp_path / f"a{accum}", "val")[-1]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_checkpoint_with_the_older_weight_decay_grouping_resumes(tmp_path, data, monkeypatch):
+    import spadeformer.training.optim as optim
+    from spadeformer.config import SpadeConfig
+    from spadeformer.models import SpadeForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        return SpadeForCausalLM(SpadeConfig.from_preset("spade-s4-window", size="tiny",
+                                                        d_model=16, n_heads=2, d_ff=32))
+
+    train, val = data
+    config = cfg(steps=4, eval_every=0, save_every=2, warmup_steps=0)
+    with monkeypatch.context() as m:  # S4's (1, d) D was decayed before _no_weight_decay
+        m.setattr(optim, "_no_decay_ids", lambda model: set())
+        Trainer(model(), train, None, cfg(steps=2, eval_every=0, save_every=2, warmup_steps=0),
+                tmp_path / "run").fit()
+    with pytest.warns(UserWarning) as record:  # (and: steps changed from 2 to 4)
+        resumed = Trainer(model(), train, None, config, tmp_path / "run", resume=True)
+    assert any("keeps that grouping to resume exactly" in str(w.message) for w in record)
+    assert resumed.step == 2
+    resumed.fit()
     assert resumed.step == 4
 
 

@@ -134,8 +134,11 @@ def encode_file(path: str | os.PathLike, vocab: WordVocab,
     path = require_file(path, _LAYOUT)
     cache = None
     if cache_dir is not None:
-        with open(path, "rb") as f:
-            key = hashlib.file_digest(f, "sha1").hexdigest()[:16]
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:  # (hashlib.file_digest needs Python 3.11)
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        key = digest.hexdigest()[:16]
         cache = Path(cache_dir) / f"{path.name}.{vocab.fingerprint()}.{key}.npy"
         if cache.is_file():
             return np.load(cache, allow_pickle=False)

@@ -52,7 +52,8 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, ssm_lr: float | None = None
+    model: nn.Module, lr: float, weight_decay: float, ssm_lr: float | None = None,
+    no_decay_marks: bool = True,
 ) -> list[dict]:
     """Parameter groups for ``torch.optim.AdamW`` (or any torch optimiser).
 
@@ -67,7 +68,8 @@ def param_groups(
                     copied into the group. One group per distinct setting, named "ssm" for the
                     first and "ssm_<k>" for the others.
     Frozen params (requires_grad False) are left out, and a parameter shared by several
-    modules (tied weights) appears once.
+    modules (tied weights) appears once. ``no_decay_marks=False`` ignores ``_no_weight_decay``
+    (the grouping of spadeformer before it existed: resuming such a checkpoint needs it).
 
     Each group is a dict with keys "params", "lr", "weight_decay" and "name" (for logging).
     """
@@ -78,7 +80,7 @@ def param_groups(
     if ssm_lr is not None:
         _check_rate("ssm_lr", ssm_lr, allow_zero=False)
     module_hints = _module_hints(model)
-    no_decay_ids = _no_decay_ids(model)
+    no_decay_ids = _no_decay_ids(model) if no_decay_marks else set()
 
     decay, no_decay = [], []
     hinted: dict[tuple, dict] = {}

@@ -92,9 +92,9 @@ def _is_num(v: Any) -> bool:
 class TrainConfig:
     """Optimisation settings. ``batch_size`` is the *global* batch per update (summed over
     gradient-accumulation micro-batches and data-parallel ranks). ``eval_every`` /
-    ``save_every`` = 0 mean only at the end; validation runs in batches of one micro-step,
-    ``batch_size // grad_accum`` examples, and ``eval_batches`` of them (None = the whole
-    split)."""
+    ``save_every`` = 0 mean only at the end; validation scores ``eval_batches`` batches of
+    ``batch_size`` examples (None = the whole split), in micro-batches of ``batch_size //
+    grad_accum`` (what fits in memory for training fits for scoring)."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -260,6 +260,7 @@ class Trainer:
         self.step = 0
         self.position = 0  # training examples consumed (global, all ranks)
         self.best_val_loss = math.inf
+        self.validation_pending = False  # True: resumed from a save whose validation failed
         self._window = _Window()
         self._print_lines = False  # fit() decides: log lines on stderr when it is no terminal
         state = self._load_for_resume() if resume else None
@@ -271,9 +272,7 @@ class Trainer:
             )
         self.model = D.wrap_model(self.raw_model, self.dist)
         self.optimizer = self._build_optimizer()
-        self.scheduler = build_scheduler(self.optimizer, total_steps=cfg.steps,
-                                         warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                                         min_lr_ratio=cfg.min_lr_ratio)
+        self.scheduler = self._build_scheduler()
         self.sampler = EpochSampler(len(train_data), seed=cfg.seed)
         if state is not None:
             self._restore(state)
@@ -288,13 +287,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
+    def _build_optimizer(self, no_decay_marks: bool = True) -> torch.optim.Optimizer:
         cfg = self.config
-        groups = param_groups(self.raw_model, cfg.lr, cfg.weight_decay, ssm_lr=cfg.ssm_lr)
+        groups = param_groups(self.raw_model, cfg.lr, cfg.weight_decay, ssm_lr=cfg.ssm_lr,
+                              no_decay_marks=no_decay_marks)
         if not any(g["params"] for g in groups):
             raise ValueError("the model has no trainable parameters")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas,
                                  weight_decay=cfg.weight_decay)
+
+    def _build_scheduler(self):
+        cfg = self.config
+        return build_scheduler(self.optimizer, total_steps=cfg.steps,
+                               warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                               min_lr_ratio=cfg.min_lr_ratio)
 
     def _load_for_resume(self) -> dict[str, Any]:
         path = self.ckpt.path("last")
@@ -314,10 +320,22 @@ class Trainer:
         # The checkpoint's optimiser state brings back its own lr, weight decay and betas; a
         # resumed run's config may change them, and the config wins (the warning of
         # _load_for_resume names them). Unchanged settings give back the same numbers.
-        fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas")}
-                 for g in self.optimizer.param_groups]
         saved = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
         now = [len(g["params"]) for g in self.optimizer.param_groups]
+        if saved != now:
+            # a checkpoint from before per-channel vectors (S4's D, Hyena's filter bias) left
+            # weight decay: resume it with the grouping it was written with
+            legacy = self._build_optimizer(no_decay_marks=False)
+            if [len(g["params"]) for g in legacy.param_groups] == saved:
+                if self.dist.is_main:
+                    warnings.warn("the checkpoint groups the optimiser as spadeformer did before "
+                                  "SSM skip vectors (D, Hyena's filter bias) left weight decay; "
+                                  "this run keeps that grouping to resume exactly",
+                                  stacklevel=3)
+                self.optimizer, now = legacy, saved
+                self.scheduler = self._build_scheduler()
+        fresh = [{k: g[k] for k in ("initial_lr", "weight_decay", "betas")}
+                 for g in self.optimizer.param_groups]
         if saved != now:
             raise ValueError(
                 f"the checkpoint's optimiser has parameter groups of sizes {saved}, this model "
@@ -334,6 +352,7 @@ class Trainer:
         self.step = int(state["step"])
         self.position = int(state["data"]["position"])
         self.best_val_loss = float(state["best_val_loss"])
+        self.validation_pending = bool(state.get("validation_pending", False))
         self._window = _Window(state.get("train_window"))  # absent in older checkpoints
         if int(state["data"].get("num_items", len(self.train_data))) != len(self.train_data):
             warnings.warn("train_data has a different length than when the checkpoint was "
@@ -350,6 +369,7 @@ class Trainer:
         """A "best" pointer past the resumed step (a run dir from before "last" followed every
         best save) names a model of steps this run redoes: drop it, keep the score to beat."""
         best = self.ckpt.pointer("best")
+        D.barrier()  # every rank has read the pointer before rank 0 may remove it
         if best is None or best["step"] <= self.step:
             return
         if self.dist.is_main:
@@ -359,7 +379,6 @@ class Trainer:
                           "kept becomes the best", stacklevel=3)
             (self.ckpt.root / "best.json").unlink()
             self.ckpt.collect_garbage()
-        D.barrier()
 
     def _prepare_metrics_file(self) -> None:
         """Fresh run: empty metrics.jsonl. Resume: drop lines past the checkpoint's step (they
@@ -411,7 +430,8 @@ class Trainer:
         The update's loss is the mean over every counted target (labels != -100) of the
         global batch, whatever the split into micro-batches and ranks: each micro-batch's
         mean loss is weighted by its share of the update's targets (equal shares when every
-        item has as many targets, e.g. LM blocks or one label per example)."""
+        item has as many targets, e.g. LM blocks or one label per example). A micro-batch
+        without any target has no mean loss: refused, naming the step."""
         cfg, info = self.config, self.dist
         self.model.train()
         batches = []  # inputs of the whole update first: their target counts set the weights
@@ -422,9 +442,14 @@ class Trainer:
                                        D.shard(indices, info.rank, info.world_size)))
         counts = torch.tensor([count_targets(b) for b in batches], dtype=torch.float64,
                               device=self.device)
-        total = counts.sum()
-        D.all_reduce_sum(total)  # 0 -> NaN weights -> the non-finite stop below
-        weights = counts / total
+        totals = torch.stack([counts.sum(), (counts == 0).sum().double()])
+        D.all_reduce_sum(totals)  # (all targets, empty micro-batches) over every rank
+        if totals[1] > 0:  # a mean over no target is 0/0: the model's loss would be NaN
+            raise ValueError(
+                f"update {step}: {int(totals[1])} micro-batch(es) hold no counted target "
+                "(every label -100), so their mean loss is undefined; drop examples without "
+                "targets from the data (or use fewer gradient-accumulation steps)")
+        weights = counts / totals[0]
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, tok, corr, cnt
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
@@ -476,8 +501,10 @@ class Trainer:
             print(f"step {record['step']}/{self.config.steps} {record['split']}: {shown}",
                   file=sys.stderr, flush=True)
 
-    def _save(self, tags: list[str], info: dict[str, Any], window: dict[str, float]) -> None:
-        """Checkpoint ``tags``; ``window`` = the log window's sums to resume with."""
+    def _save(self, tags: list[str], info: dict[str, Any], window: dict[str, float],
+              validation_pending: bool = False) -> None:
+        """Checkpoint ``tags``; ``window`` = the log window's sums to resume with;
+        ``validation_pending``: this step's validation failed, a resume runs it first."""
         # Every rank contributes its RNG state (a collective), rank 0 writes.
         rngs = D.all_gather_objects(capture_rng_state())
         if self.dist.is_main:
@@ -491,6 +518,7 @@ class Trainer:
                 "train_window": window,
                 "world_size": self.dist.world_size,
                 "config": self.config.to_dict(),
+                "validation_pending": validation_pending,
             }
             self.ckpt.save(self.raw_model, state, self.step, tags=tags, info=info)
         D.barrier()
@@ -506,6 +534,9 @@ class Trainer:
                    dynamic_ncols=True)
         self._window.t0 = time.perf_counter()  # what ran before fit() is no training time
         try:
+            if self.validation_pending:  # the validation a failure interrupted comes first
+                self.validation_pending = False
+                self._checkpoint_step(self.step, validate=True, save_last=True)
             while self.step < cfg.steps:
                 step = self.step + 1
                 window = self._window
@@ -524,38 +555,9 @@ class Trainer:
                     self.last_metrics["train"] = rec
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     self._window = _Window()
-                # validation and checkpoints are not training time: keep them out of tokens/s
-                # (and out of the window a checkpoint stores)
-                paused = time.perf_counter()
-                window_sums = self._window.sums()
-                tags: list[str] = []
-                info: dict[str, Any] = {}
-                if self.val_data is not None and (
-                        final or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    try:
-                        val = self.evaluate(self.val_data, max_batches=cfg.eval_batches)
-                    except Exception:
-                        # A validation that fails (too long for learned positions, out of
-                        # memory) would fail again at the same step: keep the training done
-                        # so far so that a fixed config can --resume it. Not under DDP: the
-                        # other ranks may be inside a collective of their own evaluation.
-                        if not self.dist.distributed:
-                            self._save(["last"], {}, window_sums)
-                        raise
-                    rec = {"step": step, "split": "val", **val, "lr": self._lr(step)}
-                    self._log(rec)
-                    self.last_metrics["val"] = rec
-                    if val["loss"] < self.best_val_loss:
-                        self.best_val_loss = val["loss"]
-                        tags.append("best")
-                        info["val_loss"] = val["loss"]
-                # a best checkpoint is a resume point too: "last" never trails "best", so a
-                # resumed run cannot inherit a best from steps it is about to redo
-                if tags or final or (cfg.save_every and step % cfg.save_every == 0):
-                    tags.append("last")
-                if tags:
-                    self._save(tags, info, window_sums)
-                self._window.t0 += time.perf_counter() - paused
+                self._checkpoint_step(
+                    step, validate=final or bool(cfg.eval_every and step % cfg.eval_every == 0),
+                    save_last=final or bool(cfg.save_every and step % cfg.save_every == 0))
         finally:
             bar.close()
             # stop the window's clock: a later fit() (after an interruption) starts it again
@@ -564,6 +566,41 @@ class Trainer:
         for split, rec in self.last_metrics.items():
             out.update({f"{split}_{k}": v for k, v in rec.items() if k not in ("step", "split")})
         return out
+
+    def _checkpoint_step(self, step: int, validate: bool, save_last: bool) -> None:
+        """Validation and checkpoints after update ``step`` (kept out of tokens/s and out of
+        the log window a checkpoint stores: they are not training time)."""
+        cfg = self.config
+        paused = time.perf_counter()
+        window_sums = self._window.sums()
+        tags: list[str] = []
+        info: dict[str, Any] = {}
+        if validate and self.val_data is not None:
+            # eval_batches counts batches of batch_size examples, scored in micro-batches
+            max_batches = None if cfg.eval_batches is None else cfg.eval_batches * cfg.grad_accum
+            try:
+                val = self.evaluate(self.val_data, max_batches=max_batches)
+            except Exception:
+                # A validation that fails (too long for learned positions, out of memory)
+                # would fail again at the same step: keep the training done so far, marked
+                # so that a --resume with a fixed config validates this step first. Not
+                # under DDP: the other ranks may be inside a collective of their own.
+                if not self.dist.distributed:
+                    self._save(["last"], {}, window_sums, validation_pending=True)
+                raise
+            rec = {"step": step, "split": "val", **val, "lr": self._lr(step)}
+            self._log(rec)
+            self.last_metrics["val"] = rec
+            if val["loss"] < self.best_val_loss:
+                self.best_val_loss = val["loss"]
+                tags.append("best")
+                info["val_loss"] = val["loss"]
+        # a best checkpoint is a resume point too: "last" never trails "best", so a resumed
+        # run cannot inherit a best from steps it is about to redo
+        if tags or save_last:
+            tags.append("last")
+            self._save(tags, info, window_sums)
+        self._window.t0 += time.perf_counter() - paused
 
     # ------------------------------------------------------------------ evaluation
 
@@ -681,8 +718,9 @@ def evaluate_model(model: nn.Module, data: Any, *, batch_size: int, task: str = 
     if world_size > 1:
         D.all_reduce_sum(sums)
     if float(sums[1]) == 0:  # a loss of 0 here would read as a perfect model
-        raise ValueError(f"nothing to score: the {len(data)} examples of the first "
-                         f"{num_batches} batch(es) hold no counted target (labels != -100)")
+        raise ValueError(f"nothing to score: the {min(n, num_batches * batch_size)} examples "
+                         f"of the first {num_batches} batch(es) hold no counted target "
+                         "(labels != -100)")
     loss = float(sums[0] / sums[1])
     return {"loss": loss, **task_metric(task, loss, float(sums[3]), float(sums[4]), lm_metric),
             "tokens_per_s": float(sums[2]) / max(time.perf_counter() - t0, 1e-9)}
