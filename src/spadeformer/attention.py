@@ -28,7 +28,8 @@ from spadeformer.ops.local_attn import PATTERNS, _call_bias, attention_ref, loca
 from spadeformer.ops.position_bias import ShawRelativeBias, T5RelativeBias
 from spadeformer.ssm.base import check_padding_mask, check_positive, check_sequence
 
-__all__ = ["Attention", "AttentionCache", "POSITION_BIASES"]
+__all__ = ["Attention", "AttentionCache", "POSITION_BIASES", "attend_cached", "cache_append",
+           "cache_slots", "empty_cache"]
 
 POSITION_BIASES = (None, "t5", "shaw")
 
@@ -78,6 +79,87 @@ def _write_slot(buf: torch.Tensor, slot: int, val: torch.Tensor) -> torch.Tensor
         buf = buf.clone()  # earlier steps saved buf for backward: do not overwrite it
     buf[:, :, slot] = val.to(buf.dtype)
     return buf
+
+
+def cache_slots(pattern: str, window_size: int | None, chunk_size: int | None) -> int:
+    """Key/value slots a fresh decode cache allocates: window_size + 1 (window), chunk_size
+    (chunk) or 0 (full, which grows as it fills)."""
+    return {"window": (window_size or 0) + 1, "chunk": chunk_size or 0, "full": 0}[pattern]
+
+
+def empty_cache(batch_size: int, heads: int, slots: int, key_dim: int, value_dim: int,
+                device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> AttentionCache:
+    """Zeroed cache: key (batch, heads, slots, key_dim), value (batch, heads, slots,
+    value_dim), position 0. Keys and values may differ in width (Mega's z and v)."""
+    return AttentionCache(
+        key=torch.zeros(batch_size, heads, slots, key_dim, device=device, dtype=dtype),
+        value=torch.zeros(batch_size, heads, slots, value_dim, device=device, dtype=dtype),
+        position=0,
+    )
+
+
+def cache_append(
+    cache: AttentionCache, k: torch.Tensor, v: torch.Tensor, pattern: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, AttentionCache]:
+    """Write the new token's k, v (batch, heads, dim) into ``cache`` (consumed: slots are
+    written in place when autograd allows).
+
+    Returns (key, value) to attend over (batch, heads, S, dim), k_pos (S,) their absolute
+    positions, valid (S,) bool or None (all valid), and the cache for the next token. The
+    ring-buffer slot of absolute position p is p mod num_slots (window) or p mod chunk_size
+    (chunk); a full cache keeps slot p = position p and doubles when full.
+    """
+    if not isinstance(cache, AttentionCache):
+        raise TypeError(
+            f"cache must be an AttentionCache from initial_cache(), got {type(cache).__name__}"
+        )
+    if cache.key.shape[0] != k.shape[0]:
+        raise ValueError(f"cache holds batch {cache.key.shape[0]} but x_t has batch {k.shape[0]}")
+    pos = cache.position
+    dev = k.device
+    if pattern == "full":
+        # amortised O(1) per token instead of copying the whole cache every step
+        buf_key = _write_slot(_reserve(cache.key, pos), pos, k)
+        buf_value = _write_slot(_reserve(cache.value, pos), pos, v)
+        key, value = buf_key[:, :, : pos + 1], buf_value[:, :, : pos + 1]
+        k_pos = torch.arange(pos + 1, device=dev)
+        valid = None  # every slot up to pos is a real past token
+    else:
+        slots = cache.num_slots
+        slot = pos % slots
+        key = buf_key = _write_slot(cache.key, slot, k)
+        value = buf_value = _write_slot(cache.value, slot, v)
+        s = torch.arange(slots, device=dev)
+        if pattern == "window":
+            # latest position p <= pos with p = s (mod slots); negative = never written
+            k_pos = pos - (pos - s) % slots
+            valid = k_pos >= 0
+        else:  # chunk: slots hold positions chunk_start + s; later slots are stale
+            k_pos = pos - slot + s
+            valid = s <= slot
+    return key, value, k_pos, valid, AttentionCache(key=buf_key, value=buf_value,
+                                                    position=pos + 1)
+
+
+def attend_cached(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pos: torch.Tensor,
+                  valid: torch.Tensor | None, position: int, bias=None,
+                  dropout_p: float = 0.0) -> torch.Tensor:
+    """One query per row against the cached keys: q (batch, heads, dk) at absolute
+    ``position``, key (batch, heads, S, dk), value (batch, heads, S, dv) -> (batch, heads, dv),
+    in the cache's dtype. ``bias`` is a relative position bias callable (or None)."""
+    mask: torch.Tensor | None = None if valid is None else valid.view(1, 1, 1, -1)
+    q = q.unsqueeze(2).to(key.dtype)  # (batch, heads, 1, dk)
+    if bias is not None:
+        q_pos = torch.tensor([position], device=q.device)
+        b = _call_bias(bias, q_pos, k_pos, q).to(q.dtype)  # (.., heads, 1, S)
+        if b.dim() == 3:
+            b = b.unsqueeze(0)
+        if mask is not None:
+            b = b.masked_fill(~mask, float("-inf"))
+        mask = b
+    y = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout_p)
+    return y[:, :, 0]  # the current token is always visible: no empty row
 
 
 class Attention(nn.Module):
@@ -254,13 +336,9 @@ class Attention(nn.Module):
         weight = self.q_proj.weight
         device = weight.device if device is None else device
         dtype = weight.dtype if dtype is None else dtype
-        slots = {"window": (self.window_size or 0) + 1, "chunk": self.chunk_size, "full": 0}
-        shape = (batch_size, self.n_heads, slots[self.pattern], self.head_dim)
-        return AttentionCache(
-            key=torch.zeros(shape, device=device, dtype=dtype),
-            value=torch.zeros(shape, device=device, dtype=dtype),
-            position=0,
-        )
+        slots = cache_slots(self.pattern, self.window_size, self.chunk_size)
+        return empty_cache(batch_size, self.n_heads, slots, self.head_dim, self.head_dim,
+                           device=device, dtype=dtype)
 
     def step(self, x_t: torch.Tensor, cache: AttentionCache) -> tuple[torch.Tensor, AttentionCache]:
         """One causal decoding step: x_t (batch, d_model) -> y_t (batch, d_model), new cache.
@@ -275,57 +353,16 @@ class Attention(nn.Module):
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
             raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
-        if not isinstance(cache, AttentionCache):
-            raise TypeError(
-                f"cache must be an AttentionCache from initial_cache(), got {type(cache).__name__}"
-            )
-        if cache.key.shape[0] != x_t.shape[0]:
-            raise ValueError(
-                f"cache holds batch {cache.key.shape[0]} but x_t has batch {x_t.shape[0]}"
-            )
-        pos = cache.position
-        dev = x_t.device
         q, k, v = (
             rearrange(proj(x_t), "b (h d) -> b h d", h=self.n_heads)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        if self.pattern == "full":
-            # slot p holds position p; the buffer doubles when full (amortised O(1) per token
-            # instead of copying the whole cache every step); attend over the filled part
-            buf_key = _write_slot(_reserve(cache.key, pos), pos, k)
-            buf_value = _write_slot(_reserve(cache.value, pos), pos, v)
-            key, value = buf_key[:, :, : pos + 1], buf_value[:, :, : pos + 1]
-            k_pos = torch.arange(pos + 1, device=dev)
-            valid = None  # every slot up to pos is a real past token
-        else:
-            slots = cache.num_slots
-            slot = pos % slots
-            key = buf_key = _write_slot(cache.key, slot, k)
-            value = buf_value = _write_slot(cache.value, slot, v)
-            s = torch.arange(slots, device=dev)
-            if self.pattern == "window":
-                # latest position p <= pos with p = s (mod slots); negative = never written
-                k_pos = pos - (pos - s) % slots
-                valid = k_pos >= 0
-            else:  # chunk: slots hold positions chunk_start + s; later slots are stale
-                k_pos = pos - slot + s
-                valid = s <= slot
-        mask: torch.Tensor | None = None if valid is None else valid.view(1, 1, 1, -1)
-        q = q.unsqueeze(2).to(key.dtype)  # (batch, heads, 1, head_dim)
-        if self.relative_bias is not None:
-            q_pos = torch.tensor([pos], device=dev)
-            b = _call_bias(self.relative_bias, q_pos, k_pos, q).to(q.dtype)  # (.., heads, 1, S)
-            if b.dim() == 3:
-                b = b.unsqueeze(0)
-            if mask is not None:
-                b = b.masked_fill(~mask, float("-inf"))
-            mask = b
-        y = F.scaled_dot_product_attention(
-            q, key, value, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (batch, heads, 1, head_dim); the current token is always visible: no empty row
+        key, value, k_pos, valid, new_cache = cache_append(cache, k, v, self.pattern)
+        y = attend_cached(q, key, value, k_pos, valid, cache.position, self.relative_bias,
+                          self.dropout if self.training else 0.0)
         # back to the projections' dtype (the cache may be kept in another one)
-        y = self.out_proj(rearrange(y, "b h 1 d -> b (h d)").to(v.dtype))
-        return y, AttentionCache(key=buf_key, value=buf_value, position=pos + 1)
+        y = self.out_proj(rearrange(y, "b h d -> b (h d)").to(v.dtype))
+        return y, new_cache
 
     def extra_repr(self) -> str:
         size = {

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SpadeConfig", "SYSTEMS", "SIZES", "SSM_KINDS", "ATTENTION_PATTERNS",
+__all__ = ["SpadeConfig", "SYSTEMS", "SIZES", "SSM_KINDS", "ATTENTION_PATTERNS", "BLOCKS",
            "adaptive_band_dims"]
 
-SSM_KINDS = ("s4", "s4d", "s5", "hyena", "lstm")
+SSM_KINDS = ("s4", "s4d", "s5", "hyena", "lstm", "ema")
 ATTENTION_PATTERNS = ("full", "window", "chunk", "none")
-POSITIONS = ("none", "sinusoidal", "learned", "t5", "shaw")
+POSITIONS = ("none", "sinusoidal", "learned", "t5", "shaw", "simple")
+BLOCKS = ("transformer", "mega")
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
 POOLINGS = ("mean", "first", "last")
@@ -86,7 +87,9 @@ class SpadeConfig:
     Layer roles: layers listed in ``global_layers`` are GlobalLayers (SSM beside the local
     attention, paper Sec. 3); the others are LocalLayers. ``attention="none"`` with every layer
     global gives a pure SSM stack (the S4 / S5 / Hyena baselines); ``global_layers=[]`` gives a
-    plain Transformer.
+    plain Transformer. ``block="mega"`` makes every layer a Mega block instead (the MEGA /
+    MEGA-chunk baselines, :class:`spadeformer.mega.MegaLayer`): the ``ssm`` (Mega: "ema") and
+    the single-head ``attention`` sit in every layer, so ``global_layers`` must name them all.
     """
 
     vocab_size: int = 256
@@ -105,7 +108,7 @@ class SpadeConfig:
     window_size: int | None = 128
     chunk_size: int | None = None
     position: str = "none"  # SPADE needs none: the SSM carries position (paper Sec. 3)
-    max_position: int = 4096  # only for position="learned"
+    max_position: int = 4096  # position="learned"; "simple" with full attention: offsets told apart
     norm: str = "pre"
     causal: bool = True
     tie_embeddings: bool = True
@@ -125,6 +128,12 @@ class SpadeConfig:
     adaptive_cutoffs: list[int] | None = None
     adaptive_factor: float = 4.0
     adaptive_dropout: float = 0.0  # dropout inside the adaptive softmax (fairseq wiki103: 0.2)
+    # Layer type: "transformer" (Global / Local layers: SPADE and the Transformer / SSM
+    # baselines) or "mega" (Ma et al. 2022). Mega's widths: Z (queries / keys; None =
+    # d_model // 2) and V (values; None = 2 * d_model), as Mega's LRA configs (d 128: z 64, v 256).
+    block: str = "transformer"
+    mega_z_dim: int | None = None
+    mega_v_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -149,6 +158,7 @@ class SpadeConfig:
         _choice("norm", self.norm, NORMS)
         _choice("combine", self.combine, COMBINES)
         _choice("pooling", self.pooling, POOLINGS)
+        _choice("block", self.block, BLOCKS)
         if not isinstance(self.ssm_options, dict):
             raise ValueError(f"ssm_options must be a dict, got {self.ssm_options!r}")
         from spadeformer.ssm import check_ssm_options  # lazy: the SSMs import torch
@@ -185,6 +195,7 @@ class SpadeConfig:
             if self.chunk_size is None:
                 raise ValueError("attention='chunk' needs chunk_size (a positive integer)")
             _positive_int("chunk_size", self.chunk_size)
+        self._check_block()
         if self.position in ("t5", "shaw") and self.attention == "none":
             raise ValueError(f"position={self.position!r} is an attention bias; it needs "
                              "attention in ['full', 'window', 'chunk']")
@@ -213,6 +224,34 @@ class SpadeConfig:
         else:
             adaptive_band_dims(self.vocab_size, self.d_model, self.adaptive_cutoffs,
                                self.adaptive_factor, names=("adaptive_cutoffs", "adaptive_factor"))
+
+    def _check_block(self) -> None:
+        """Mega-specific fields and combinations; fills Mega's default widths."""
+        mega_fields = ("mega_z_dim", "mega_v_dim")
+        if self.block != "mega":
+            for name in mega_fields:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only used with block='mega'; got {name}="
+                                     f"{getattr(self, name)!r} with block={self.block!r}")
+            if self.position == "simple":
+                raise ValueError("position='simple' (Mega's relative bias) needs block='mega', "
+                                 f"got block={self.block!r}")
+            return
+        if self.mega_z_dim is None:
+            self.mega_z_dim = max(1, self.d_model // 2)
+        if self.mega_v_dim is None:
+            self.mega_v_dim = 2 * self.d_model
+        for name in mega_fields:
+            _positive_int(name, getattr(self, name))
+        if self.attention == "none":
+            raise ValueError("block='mega' needs attention in ['full', 'window', 'chunk'] "
+                             "(Mega's gated attention), got attention='none'")
+        if self.global_layers != list(range(self.n_layers)):
+            raise ValueError("block='mega' runs the ssm in every layer: global_layers must be "
+                             f"{list(range(self.n_layers))}, got {self.global_layers}")
+        if self.position not in ("none", "simple", "sinusoidal", "learned"):
+            raise ValueError("block='mega' takes position in ['none', 'simple', 'sinusoidal', "
+                             f"'learned'], got {self.position!r}")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -309,6 +348,7 @@ _SSM_SIZE_OPTIONS = {
     "s5": {"d_state"},
     "hyena": set(),
     "lstm": set(),
+    "ema": set(),
 }
 
 
@@ -327,6 +367,13 @@ def _spade(ssm: str, attention: str):
             out["position"] = "t5"
         return out
     return build
+
+
+def _mega(attention: str):
+    # Mega's damped EMA and single-head gated attention in every layer, with the reference's
+    # simple relative bias (Ma et al. 2022; MEGA-chunk: attention inside chunks, Sec. 3.5)
+    return lambda size: dict(block="mega", ssm="ema", attention=attention,
+                             global_layers=_all_layers(size), position="simple")
 
 
 def _transformer(attention: str, position: str = "sinusoidal"):
@@ -351,5 +398,7 @@ SYSTEMS = {
     "spade-s5-window": _spade("s5", "window"),
     "spade-hyena-window": _spade("hyena", "window"),
     "spade-lstm-window": _spade("lstm", "window"),
+    "mega": _mega("full"),
+    "mega-chunk": _mega("chunk"),
 }
 

@@ -33,23 +33,29 @@ from spadeformer.attention import Attention
 from spadeformer.cross_attention import CrossAttention, MemoryKV
 from spadeformer.ssm.base import GlobalExtractor
 
-__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer"]
+__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "state_to_device"]
 
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
 
 
-class FeedForward(nn.Module):
-    """Linear(d -> d_ff), GELU, dropout, Linear(d_ff -> d), dropout. (..., d) -> (..., d)."""
+ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
+
+class FeedForward(nn.Module):
+    """Linear(d -> d_ff), activation (GELU; Mega: SiLU), dropout, Linear(d_ff -> d), dropout.
+    (..., d) -> (..., d)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "gelu"):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +175,7 @@ class GlobalLayer(_Block):
     def initial_state(self, batch_size: int, device=None, dtype=None) -> Any:
         ssm_state = self.ssm.initial_state(batch_size)
         if device is not None:
-            ssm_state = _to_device(ssm_state, device)
+            ssm_state = state_to_device(ssm_state, device)
         attn_cache = None
         if self.attn is not None:
             attn_cache = self.attn.initial_cache(batch_size, device=device, dtype=dtype)
@@ -237,9 +243,10 @@ class DecoderLayer(_Block):
         return y[:, 0], box["state"]
 
 
-def _to_device(state: Any, device) -> Any:
+def state_to_device(state: Any, device) -> Any:
+    """Tensors of a (nested tuple / list) decoding state moved to ``device``."""
     if isinstance(state, torch.Tensor):
         return state.to(device)
     if isinstance(state, (tuple, list)):
-        return type(state)(_to_device(s, device) for s in state)
+        return type(state)(state_to_device(s, device) for s in state)
     return state

@@ -307,6 +307,9 @@ def test_attention_pairs_edge_cases():
     assert attention_pairs("chunk", 100, 16, 16, batch=3) == 3 * 7 * 16 * 17 // 2
     assert attention_pairs("chunk", 100, 16, 16) == 7 * 16 * 17 // 2
     assert attention_pairs("eager", 5, 1, 1) == 25
+    assert attention_pairs("chunk", 100, 16, 16, with_bias=True) == 7 * 16 * 16  # whole blocks
+    with pytest.raises(ValueError, match="with_bias is modelled for kind='chunk' only"):
+        attention_pairs("window", 100, 16, 16, with_bias=True)
     with pytest.raises(ValueError, match="kind must be one of"):
         attention_pairs("dense", 5, 1, 1)
 
@@ -327,17 +330,17 @@ def test_flops_match_the_matmuls_the_model_runs(name, monkeypatch):
         seen[kind] += 2 * x.numel() * weight.shape[0]
         return linear(x, weight, bias)
 
-    def count_attention(q, k, is_causal):
+    def count_attention(q, k, v, is_causal):
         n, lq, lk = q.shape[:-2].numel(), q.shape[-2], k.shape[-2]
         pairs = lq * (lq + 1) // 2 if is_causal else lq * lk
-        seen["attention"] += 2 * 2 * n * pairs * q.shape[-1]
+        seen["attention"] += 2 * n * pairs * (q.shape[-1] + v.shape[-1])  # QK^T, PV
 
     def count_sdpa(q, k, v, *args, **kwargs):
-        count_attention(q, k, kwargs.get("is_causal", False))
+        count_attention(q, k, v, kwargs.get("is_causal", False))
         return sdpa(q, k, v, *args, **kwargs)
 
     def count_flash(q, k, v, is_causal, attn_mask=None):  # the CPU window path's kernel
-        count_attention(q, k, is_causal)
+        count_attention(q, k, v, is_causal)
         return flash(q, k, v, is_causal, attn_mask)
 
     def count_einsum(eq, *ops):
@@ -358,7 +361,8 @@ def test_flops_match_the_matmuls_the_model_runs(name, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ decoding
-@pytest.mark.parametrize("name", ["spade-s4-window", "transformer-full", "transformer-chunk"])
+@pytest.mark.parametrize("name", ["spade-s4-window", "transformer-full", "transformer-chunk",
+                                  "mega-chunk"])
 def test_synthetic_state_has_the_structure_of_a_stepped_state(name):
     model = build_model(name, SHAPE).eval()
     state = model.initial_state(2)

@@ -113,3 +113,23 @@ def test_shaw_bias_errors():
         bias(torch.arange(3), torch.arange(3), q=torch.randn(1, 2, 3, 5))
     with pytest.raises(ValueError, match="max_relative_position"):
         ShawRelativeBias(4, 2, max_relative_position=0)
+
+
+def test_simple_bias_is_one_scalar_per_clipped_offset():
+    from spadeformer.ops.position_bias import SimpleRelativeBias
+
+    torch.manual_seed(0)
+    bias = SimpleRelativeBias(4)
+    assert bias.table.shape == (7,)  # offsets -3 .. 3
+    q_pos, k_pos = torch.arange(6), torch.arange(-2, 8)
+    out = bias(q_pos, k_pos)
+    assert out.shape == (1, 6, 10)
+    for i, qp in enumerate(q_pos.tolist()):
+        for j, kp in enumerate(k_pos.tolist()):
+            offset = max(-3, min(3, kp - qp))
+            assert out[0, i, j] == bias.table[offset + 3]
+    blocks = bias(q_pos.view(2, 3), k_pos[:6].view(2, 3))  # a leading block axis
+    assert blocks.shape == (1, 2, 3, 3)
+    assert bias.translation_invariant and not bias.needs_query
+    with pytest.raises(ValueError, match="max_positions"):
+        SimpleRelativeBias(0)

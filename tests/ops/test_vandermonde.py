@@ -130,3 +130,40 @@ def test_errors():
         vandermonde_kernel(Ct.real, z, 5)
     with pytest.raises(ValueError, match="state axis"):
         vandermonde_kernel(Ct, z[:, :3], 5)
+
+
+# ------------------------------------------------------------------ real decays (Mega's EMA)
+@pytest.mark.parametrize("L", [1, 2, 7, 300, 4096])
+def test_decay_kernel_matches_running_products(L):
+    from spadeformer.ops.vandermonde import decay_kernel, decay_kernel_ref
+
+    torch.manual_seed(L)
+    c = torch.randn(2, 3, 5, dtype=torch.float64)
+    q = torch.rand(3, 5, dtype=torch.float64) * 0.5 + 0.5  # slow and fast decays
+    q[0, 0] = 1.0  # no decay at all
+    K = decay_kernel(c, q, L)
+    assert K.shape == (2, 3, L) and K.dtype == torch.float64
+    # the ref's running products carry ~ l eps; the fast path's exp(l log q) ~ l |log q| eps
+    tol = c.abs().sum(-1, keepdim=True) * EPS64 * (16 + 4 * L)
+    assert torch.all((K - decay_kernel_ref(c, q, L)).abs() <= tol)
+
+
+def test_decay_kernel_fp32_gradients_and_errors():
+    from spadeformer.ops.vandermonde import decay_kernel, decay_kernel_ref
+
+    torch.manual_seed(0)
+    c = torch.randn(4, 6)
+    q = torch.rand(4, 6) * 0.9 + 0.05
+    K = decay_kernel(c, q, 500)
+    assert K.dtype == torch.float32
+    K_true = decay_kernel_ref(c.double(), q.double(), 500)
+    assert torch.all((K.double() - K_true).abs() <= 16 * EPS32 * c.abs().sum(-1, keepdim=True))
+    c64, q64 = c.double().requires_grad_(), q.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: decay_kernel(a, b, 20), (c64, q64))
+    assert torch.all(decay_kernel(c, torch.zeros(4, 6), 3)[:, 1:] == 0)  # 0^0 = 1, then 0
+    with pytest.raises(TypeError, match="real floating-point"):
+        decay_kernel(c.to(torch.complex64), q, 4)
+    with pytest.raises(ValueError, match="decay axis"):
+        decay_kernel(c, q[:, :5], 4)
+    with pytest.raises(ValueError, match="kernel length"):
+        decay_kernel(c, q, 0)

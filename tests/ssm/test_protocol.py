@@ -12,6 +12,7 @@ KINDS = {
     "s5": {"d_state": 8},
     "hyena": {},
     "lstm": {},
+    "ema": {"n_dims": 4},
 }
 
 
@@ -45,7 +46,8 @@ def test_padding_isolates_real_positions(kind, bidirectional):
 
 # The SSMs whose padding may sit anywhere (LSTMGlobal takes right padding only), with
 # several output channels where the SSM has them.
-ANY_PADDING = [("hyena", {}), ("s4", {"channels": 2}), ("s4d", {"channels": 2}), ("s5", {})]
+ANY_PADDING = [("hyena", {}), ("s4", {"channels": 2}), ("s4d", {"channels": 2}), ("s5", {}),
+               ("ema", {})]
 
 
 @pytest.mark.parametrize("kind, extra", ANY_PADDING)
@@ -174,7 +176,7 @@ def test_torch_func_transforms(kind, trainable):
         torch.testing.assert_close(v[1], ssm(2 * x), rtol=1e-10, atol=1e-12)
 
 
-FROZEN_CACHED = ["s4", "s4d", "hyena"]  # the kinds that cache values of frozen parameters
+FROZEN_CACHED = ["s4", "s4d", "hyena", "ema"]  # the kinds that cache values of frozen parameters
 
 
 @pytest.mark.parametrize("kind", FROZEN_CACHED)
@@ -233,7 +235,7 @@ def test_frozen_module_built_under_inference_mode(kind):
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["s4", "s4d", "s5", "hyena"])
+@pytest.mark.parametrize("kind", ["s4", "s4d", "s5", "hyena", "ema"])
 def test_optimiser_hints_survive_deepcopy(kind):
     import copy
 

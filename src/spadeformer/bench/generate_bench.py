@@ -79,12 +79,14 @@ def _map_state(obj: Any, position: int, fill: Callable[[torch.Tensor, tuple], to
     from spadeformer.attention import AttentionCache, full_cache_capacity
 
     if isinstance(obj, AttentionCache):
-        k = obj.key
+        k, v = obj.key, obj.value
         # a full-attention cache starts empty and grows as stepping would grow it; window and
-        # chunk caches are preallocated ring buffers of fixed size
+        # chunk caches are preallocated ring buffers of fixed size. Keys and values may differ
+        # in width (Mega's z and v).
         slots = obj.num_slots or full_cache_capacity(position)
-        shape = (*k.shape[:2], slots, k.shape[3])
-        return AttentionCache(key=fill(k, shape), value=fill(obj.value, shape), position=position)
+        return AttentionCache(key=fill(k, (*k.shape[:2], slots, k.shape[3])),
+                              value=fill(v, (*v.shape[:2], slots, v.shape[3])),
+                              position=position)
     if isinstance(obj, torch.Tensor):
         return fill(obj, tuple(obj.shape))
     if isinstance(obj, dict):

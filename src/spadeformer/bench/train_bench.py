@@ -31,7 +31,10 @@ Models (the paper's Figure 5 systems plus the eager baseline):
   the library has no runtime switch for it, so the bench sets the instance's ``forward``.
 * ``transformer-full`` (fused SDPA, causal), ``transformer-window``, ``transformer-chunk``,
   ``s4`` (a stack of trainable S4 blocks), ``spade-s4-window`` and ``spade-s4-chunk`` (frozen
-  S4 in the bottom layer, paper Sec. 4.2).
+  S4 in the bottom layer, paper Sec. 4.2);
+* ``mega-chunk``: Mega blocks (Ma et al. 2022; trained damped EMA, 16 dimensions, and
+  single-head gated attention inside chunks of ``chunk_size`` in every layer; Z = d/2, V = 2d
+  wide), a linear-cost baseline beside SPADE.
 
 FLOPs are counted analytically (:func:`train_flops`), see its docstring for the formula.
 """
@@ -91,6 +94,7 @@ MODELS = (
     "s4",
     "spade-s4-window",
     "spade-s4-chunk",
+    "mega-chunk",
 )
 REFERENCE_MODEL = "spade-s4-window"
 
@@ -183,7 +187,8 @@ def build_model(name: str, shape: BenchShape):
 
 # --------------------------------------------------------------------------------- FLOPs
 def attention_pairs(
-    kind: str, length: int, window_size: int, chunk_size: int, batch: int = 1
+    kind: str, length: int, window_size: int, chunk_size: int, batch: int = 1,
+    with_bias: bool = False,
 ) -> int:
     """(query, key) score pairs one head computes over a batch of sequences, forward pass.
 
@@ -196,12 +201,15 @@ def attention_pairs(
     * window, L <= w (the generic blocked kernel of ``ops.local_attn``): one block of L
       queries against L + (L - 1) keys per sequence;
     * chunk: ceil(L / c) causal blocks of c = min(chunk, L) per sequence: c (c + 1) / 2 pairs
-      each.
+      each; ``with_bias`` (an additive position bias, Mega's): c^2 each, since SDPA then takes
+      the causal mask as a dense block mask and computes the whole block.
     Ragged last blocks are padded and computed too. The window and chunk counts follow the CPU
     kernels; on CUDA the FlexAttention kernel computes the 128 x 128 tiles its block mask
     keeps instead, which these counts do not model.
     """
     L = length
+    if with_bias and kind != "chunk":
+        raise ValueError(f"with_bias is modelled for kind='chunk' only, got kind={kind!r}")
     if kind == "eager":
         return batch * L * L
     if kind == "full":
@@ -213,7 +221,8 @@ def attention_pairs(
         return batch * L * (2 * L - 1)
     if kind == "chunk":
         block = min(chunk_size, L)
-        return batch * math.ceil(L / block) * block * (block + 1) // 2
+        per_block = block * block if with_bias else block * (block + 1) // 2
+        return batch * math.ceil(L / block) * per_block
     raise ValueError(f"kind must be one of ['eager', 'full', 'window', 'chunk'], got {kind!r}")
 
 
@@ -246,6 +255,10 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
     :func:`attention_pairs`. Training step = 3 x forward, except frozen weights (no dW):
     2 x forward. Not counted: the S4 FFT convolution and kernel generation, norms,
     activations, softmax, the optimizer step.
+
+    Mega blocks (z, v = Mega's widths): V projection 2 d v, fused gate projection
+    2 d (2 d + z + v), U_h 2 v d, feed-forward 4 d f per token; the single head's attention
+    2 (z + v) * pairs. Not counted: the EMA's kernel and FFT convolution.
     """
     cfg = model_config(name, shape)
     d, f, V = shape.d_model, shape.ff, shape.vocab_size
@@ -254,6 +267,13 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
     trainable = frozen = attention = 0.0
     ssm_trainable = bool(cfg.ssm_options.get("trainable", True))
     ssm_pointwise = bool(cfg.ssm_options.get("pointwise", True))
+    if cfg.block == "mega":
+        z, v = cfg.mega_z_dim, cfg.mega_v_dim
+        pairs = attention_pairs(kind, length, shape.window_size, shape.chunk_size,
+                                shape.batch_size, with_bias=cfg.position == "simple")
+        per_token = 2 * d * v + 2 * d * (2 * d + z + v) + 2 * v * d + 4 * d * f
+        trainable = cfg.n_layers * per_token * tokens + 2 * d * V * tokens
+        return FlopCount(trainable, 0.0, cfg.n_layers * 2 * (z + v) * pairs)
     for layer in cfg.layer_kinds():
         trainable += 4 * d * f * tokens
         if cfg.attention != "none":
@@ -493,8 +513,8 @@ def profile_train_step(name: str, shape: BenchShape, length: int,
     """torch.profiler tables of one training step (after one warm-up step).
 
     Returns two tables: operators by self time (forward and backward), and forward time per
-    module (labels ``L{i}.attn``, ``L{i}.ssm``, ``L{i}.ffn``, ``L{i}.mix`` and ``lm_head``,
-    set with record_function in forward hooks: the model code is untouched).
+    module (labels ``L{i}.attn``, ``L{i}.ssm``, ``L{i}.ema``, ``L{i}.ffn``, ``L{i}.mix`` and
+    ``lm_head``, set with record_function in forward hooks: the model code is untouched).
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -504,7 +524,7 @@ def profile_train_step(name: str, shape: BenchShape, length: int,
     ids = torch.randint(0, shape.vocab_size, (shape.batch_size, length), device=device)
     labels = {"lm_head": model.lm_head}
     for i, layer in enumerate(model.backbone.layers):
-        for part in ("attn", "ssm", "ffn", "mix_proj"):
+        for part in ("attn", "ssm", "ema", "ffn", "mix_proj"):
             if getattr(layer, part, None) is not None:
                 labels[f"L{i}.{part.replace('_proj', '')}"] = getattr(layer, part)
     open_ranges: dict[int, Any] = {}

@@ -6,7 +6,8 @@ scaled by sqrt(d_model).
 
 Position schemes (``config.position``): "none" (SPADE: the SSM carries position, paper Sec. 3),
 "sinusoidal" or "learned" absolute embeddings added to the tokens (the Transformer baselines),
-"t5" / "shaw" relative biases inside attention.
+"t5" / "shaw" relative biases inside attention, "simple" Mega's per-offset bias inside its
+blocks (``config.block="mega"``: every layer a :class:`~spadeformer.mega.MegaLayer`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from spadeformer.attention import Attention
 from spadeformer.config import SpadeConfig
 from spadeformer.layers import GlobalLayer, LocalLayer
+from spadeformer.mega import MegaLayer
 from spadeformer.models.adaptive import AdaptiveInput
 from spadeformer.models.io import PretrainedMixin
 from spadeformer.ssm import build_ssm
@@ -80,6 +82,9 @@ class SpadeModel(PretrainedMixin, nn.Module):
         self.embed_dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList()
         for kind in c.layer_kinds():
+            if c.block == "mega":
+                self.layers.append(self._build_mega_layer())
+                continue
             attn = self._build_attention() if c.attention != "none" else None
             if kind == "global":
                 ssm = build_ssm(c.ssm, c.d_model, bidirectional=not c.causal, **c.ssm_options)
@@ -91,6 +96,17 @@ class SpadeModel(PretrainedMixin, nn.Module):
                                               dropout=c.dropout, norm=c.norm))
         # Pre-LN stacks need a last norm; post-LN layers already end in one.
         self.final_norm = nn.LayerNorm(c.d_model) if c.norm == "pre" else nn.Identity()
+
+    def _build_mega_layer(self) -> MegaLayer:
+        c = self.config
+        return MegaLayer(
+            c.d_model, c.d_ff,
+            ema=build_ssm(c.ssm, c.d_model, bidirectional=not c.causal, **c.ssm_options),
+            pattern=c.attention, window_size=c.window_size, chunk_size=c.chunk_size,
+            causal=c.causal, z_dim=c.mega_z_dim, v_dim=c.mega_v_dim, dropout=c.dropout,
+            attention_dropout=c.attention_dropout, norm=c.norm,
+            relative_bias=c.position == "simple", max_positions=c.max_position,
+        )
 
     def _build_attention(self) -> Attention:
         c = self.config

@@ -15,7 +15,12 @@ from spadeformer.ops.local_attn import (
     local_attention,
     sliding_window_attention,
 )
-from spadeformer.ops.position_bias import ShawRelativeBias, T5RelativeBias, t5_relative_bucket
+from spadeformer.ops.position_bias import (
+    ShawRelativeBias,
+    SimpleRelativeBias,
+    T5RelativeBias,
+    t5_relative_bucket,
+)
 from spadeformer.ops.scan import associative_scan, associative_scan_ref
 from spadeformer.ops.ssm_kernels import (
     discretize_bilinear,
@@ -25,15 +30,23 @@ from spadeformer.ops.ssm_kernels import (
     s4_kernel,
     ssm_kernel_ref,
 )
-from spadeformer.ops.vandermonde import vandermonde_kernel, vandermonde_kernel_ref
+from spadeformer.ops.vandermonde import (
+    decay_kernel,
+    decay_kernel_ref,
+    vandermonde_kernel,
+    vandermonde_kernel_ref,
+)
 
 __all__ = [
     "ShawRelativeBias",
+    "SimpleRelativeBias",
     "T5RelativeBias",
     "associative_scan",
     "associative_scan_ref",
     "attention_ref",
     "chunk_attention",
+    "decay_kernel",
+    "decay_kernel_ref",
     "discretize_bilinear",
     "fast_fft_length",
     "fft_conv",

@@ -1,8 +1,9 @@
-"""Relative position biases for attention: T5 buckets and Shaw et al. (2018).
+"""Relative position biases for attention: T5 buckets, Shaw et al. (2018) and Mega's simple
+per-offset scalars (Ma et al. 2022).
 
-Both are callables in the bias protocol of :mod:`spadeformer.ops.local_attn`:
+All are callables in the bias protocol of :mod:`spadeformer.ops.local_attn`:
 ``bias(q_pos, k_pos) -> (heads, ..., Lq, Lk)`` with int64 positions of shape (..., Lq) and
-(..., Lk); both depend only on k_pos - q_pos (``translation_invariant = True``), so the fast
+(..., Lk); all depend only on k_pos - q_pos (``translation_invariant = True``), so the fast
 local-attention paths compute them once per block shape. Shaw's bias also depends on the query
 (``needs_query = True``): it is called with ``q=`` the query block.
 
@@ -17,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ShawRelativeBias", "T5RelativeBias", "t5_relative_bucket"]
+__all__ = ["ShawRelativeBias", "SimpleRelativeBias", "T5RelativeBias", "t5_relative_bucket"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -189,3 +190,33 @@ class ShawRelativeBias(nn.Module):
             f"head_dim={self.head_dim}, n_heads={self.n_heads}, "
             f"max_relative_position={self.max_relative_position}, per_head={self.per_head}"
         )
+
+
+class SimpleRelativeBias(nn.Module):
+    """Mega's "simple" relative position bias (Ma et al. 2022, the reference code's
+    ``rel_pos_bias='simple'``): one learned scalar per offset k - q, shared by all heads.
+
+    Offsets -(P - 1) .. P - 1 have their own scalar, P = ``max_positions``; farther offsets
+    share the outermost one (the reference refuses sequences longer than P instead; Mega-chunk
+    sets P = chunk_size, so within its chunks nothing is clipped). Scalars start N(0, 0.02^2).
+
+    forward(q_pos (..., Lq), k_pos (..., Lk)) -> (1, ..., Lq, Lk).
+    """
+
+    translation_invariant = True
+    needs_query = False
+
+    def __init__(self, max_positions: int, init_std: float = 0.02):
+        super().__init__()
+        _check_int("max_positions", max_positions, 1)
+        self.max_positions = max_positions
+        self.table = nn.Parameter(torch.randn(2 * max_positions - 1) * init_std)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """q_pos (..., Lq), k_pos (..., Lk) int -> bias (1, ..., Lq, Lk)."""
+        reach = self.max_positions - 1
+        idx = _relative(q_pos, k_pos).clamp(-reach, reach) + reach
+        return self.table[idx].unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        return f"max_positions={self.max_positions}"

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-__all__ = ["vandermonde_kernel", "vandermonde_kernel_ref"]
+__all__ = ["decay_kernel", "decay_kernel_ref", "vandermonde_kernel", "vandermonde_kernel_ref"]
 
 
 def _check(Ct: torch.Tensor, z: torch.Tensor, L: int) -> None:
@@ -98,3 +98,60 @@ def vandermonde_kernel_ref(Ct: torch.Tensor, z: torch.Tensor, L: int) -> torch.T
     ones = torch.ones((*z.shape, 1), dtype=dtype, device=z.device)
     V = torch.cat([ones, z.unsqueeze(-1) ** l], dim=-1)  # (..., N, L); z^0 = 1 even at z = 0
     return 2 * (Ct.unsqueeze(-1) * V).sum(-2).real
+
+
+# --------------------------------------------------------------------------------------------
+# real decays (Mega's damped EMA): the same factorisation without the complex arithmetic
+# --------------------------------------------------------------------------------------------
+
+
+def _check_real(c: torch.Tensor, q: torch.Tensor, L: int) -> None:
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(f"L (the kernel length) must be a positive integer, got {L!r}")
+    if c.is_complex() or q.is_complex() or not (c.is_floating_point() and q.is_floating_point()):
+        raise TypeError(f"c and q must be real floating-point tensors, got {c.dtype} and "
+                        f"{q.dtype}")
+    if c.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"c and q must share the decay axis (last), got {c.shape[-1]} and {q.shape[-1]}"
+        )
+
+
+def decay_kernel(c: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
+    """K[..., l] = sum_n c[..., n] q[..., n]^l for real decays q in (0, 1], factorised as
+    l = a M + b like :func:`vandermonde_kernel` (no (..., N, L) tensor is formed).
+
+    Args:
+        c: (..., N) real weights.
+        q: (..., N) real decay factors in (0, 1] (Mega's 1 - alpha delta), broadcastable
+            against c's leading axes.
+        L: kernel length.
+    Returns:
+        (broadcast(...), L) in the promoted dtype of c and q.
+
+    The powers exp(e log q) are formed in float64 (O(N sqrt(L)) of them) for the same reason
+    as in :func:`vandermonde_kernel`: fp32 rounding of log q would grow with the exponent.
+    """
+    _check_real(c, q, L)
+    dtype = torch.promote_types(c.dtype, q.dtype)
+    work = torch.float64 if q.device.type != "mps" else dtype
+    M = math.isqrt(L - 1) + 1
+    A = -(-L // M)
+    log_q = torch.log(q.to(work)).clamp_min(torch.finfo(work).min)  # q = 0 -> 0^0 = 1
+    b = torch.arange(M, device=q.device, dtype=work)
+    aM = torch.arange(A, device=q.device, dtype=work) * M
+    right = torch.exp(b[:, None] * log_q.unsqueeze(-2)).transpose(-1, -2).to(dtype)  # (.., N, M)
+    left = c.to(dtype).unsqueeze(-2) * torch.exp(aM[:, None] * log_q.unsqueeze(-2)).to(dtype)
+    return torch.matmul(left, right).flatten(-2)[..., :L]  # (..., A, M) -> (..., L)
+
+
+def decay_kernel_ref(c: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
+    """Reference twin of :func:`decay_kernel`: the full (..., N, L) matrix of powers q^l,
+    each a running product (q^l = q^(l-1) q), as the recurrence h_l = q h_(l-1) forms them."""
+    _check_real(c, q, L)
+    dtype = torch.promote_types(c.dtype, q.dtype)
+    c, q = c.to(dtype), q.to(dtype)
+    powers = [torch.ones_like(q)]
+    for _ in range(L - 1):
+        powers.append(powers[-1] * q)
+    return (c.unsqueeze(-1) * torch.stack(powers, dim=-1)).sum(-2)

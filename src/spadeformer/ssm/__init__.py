@@ -1,4 +1,5 @@
-"""Global information extractors: S4, S4D, S5, Hyena and an LSTM, one file each.
+"""Global information extractors: S4, S4D, S5, Hyena, an LSTM and Mega's damped EMA, one file
+each.
 
 All follow the protocol of :class:`spadeformer.ssm.base.GlobalExtractor`.
 """
@@ -13,7 +14,7 @@ from typing import Any
 from spadeformer.ssm.base import GlobalExtractor
 
 __all__ = ["GlobalExtractor", "build_ssm", "check_ssm_options", "S4", "S4D", "S5", "Hyena",
-           "LSTMGlobal"]
+           "LSTMGlobal", "MultiHeadEMA"]
 
 # kind -> (module, class). Imported lazily so one broken optional piece never blocks the rest.
 _REGISTRY = {
@@ -22,6 +23,7 @@ _REGISTRY = {
     "s5": ("spadeformer.ssm.s5", "S5"),
     "hyena": ("spadeformer.ssm.hyena", "Hyena"),
     "lstm": ("spadeformer.ssm.lstm", "LSTMGlobal"),
+    "ema": ("spadeformer.ssm.ema", "MultiHeadEMA"),
 }
 
 
@@ -53,7 +55,7 @@ def check_ssm_options(kind: str, options: dict[str, Any], name: str = "ssm_optio
 
 
 def build_ssm(kind: str, d_model: int, *, bidirectional: bool, **options: Any) -> GlobalExtractor:
-    """Instantiate the SSM ``kind`` ("s4", "s4d", "s5", "hyena", "lstm")."""
+    """Instantiate the SSM ``kind`` ("s4", "s4d", "s5", "hyena", "lstm", "ema")."""
     cls = ssm_class(kind)
     check_ssm_options(kind, options, name="SSM option")
     try:

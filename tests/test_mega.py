@@ -1,0 +1,199 @@
+"""The Mega block: its equations written out, fast attention == dense reference, step() ==
+forward, padding isolation, config rules."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spadeformer import SpadeConfig
+from spadeformer.mega import MegaLayer
+from spadeformer.ssm.ema import MultiHeadEMA
+
+PATTERNS = [("chunk", dict(chunk_size=5)), ("window", dict(window_size=3)), ("full", {})]
+
+
+def make(pattern="chunk", causal=True, norm="pre", d=8, spread=0.5, **kw):
+    """A small block whose parameters are all O(spread): at Mega's own initialisation
+    (weights N(0, 0.02^2)) the attention barely moves the output, and a test comparing
+    outputs would not see a wrong attention."""
+    sizes = dict(PATTERNS)[pattern]
+    torch.manual_seed(0)
+    layer = MegaLayer(d, 2 * d, ema=MultiHeadEMA(d, n_dims=3, bidirectional=not causal),
+                      pattern=pattern, causal=causal, z_dim=6, v_dim=10, norm=norm,
+                      **{**sizes, **kw})
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, spread)
+    return layer
+
+
+def allowed(pattern, L, causal, window=3, chunk=5):
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    ok = torch.ones(L, L, dtype=torch.bool)
+    if pattern == "window":
+        ok = (i - j).abs() <= window
+    if pattern == "chunk":
+        ok = (i // chunk) == (j // chunk)
+    return ok & (j <= i) if causal else ok
+
+
+def mega_by_the_equations(layer: MegaLayer, x: torch.Tensor) -> torch.Tensor:
+    """The module docstring's equations, pre-LN, with the weights split by hand."""
+    d, z, v = layer.d_model, layer.z_dim, layer.v_dim
+    xn = layer.norm_mix(x)
+    W, b = layer.mx_proj.weight, layer.mx_proj.bias
+    W_u, W_z, W_r, W_h = W.split([d, z, v, d])
+    b_u, b_z, b_r, b_h = b.split([d, z, v, d])
+    mx = F.silu(layer.ema(xn))
+    Z = F.silu(mx @ W_z.T + b_z)
+    Q = layer.qk_scale[0] * Z + layer.qk_offset[0]
+    K = layer.qk_scale[1] * Z + layer.qk_offset[1]
+    V = F.silu(layer.v_proj(xn))
+    L = x.shape[1]
+    offsets = torch.arange(L)[None, :] - torch.arange(L)[:, None]
+    reach = layer.relative_bias.max_positions - 1
+    b_rel = layer.relative_bias.table[offsets.clamp(-reach, reach) + reach]
+    scores = Q @ K.transpose(1, 2) / math.sqrt(z) + b_rel
+    scores = scores.masked_fill(~allowed(layer.pattern, L, layer.causal), float("-inf"))
+    O = torch.softmax(scores, -1) @ V
+    R = F.silu(mx @ W_r.T + b_r)
+    U = torch.sigmoid(mx @ W_u.T + b_u)
+    H = F.silu(mx @ W_h.T + b_h + layer.h_proj(R * O))
+    Y = U * H + (1 - U) * x
+    return Y + layer.ffn(layer.norm_ffn(Y))
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_follows_the_equations(pattern, causal):
+    layer = make(pattern, causal).double()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), mega_by_the_equations(layer, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_fast_attention_matches_the_dense_reference(pattern, causal, norm):
+    layer = make(pattern, causal, norm)
+    x = torch.randn(2, 37, 8)
+    pad = torch.zeros(2, 37, dtype=torch.bool)
+    pad[1, 30:] = True
+    fast, ref = layer(x, pad), layer.forward_ref(x, pad)
+    torch.testing.assert_close(fast[~pad], ref[~pad], rtol=1e-4, atol=1e-4)
+    no_bias = copy.deepcopy(layer)
+    no_bias.relative_bias = None
+    assert not torch.allclose(no_bias(x, pad)[~pad], fast[~pad], atol=1e-2)  # the bias counts
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_step_equals_forward_across_chunk_boundaries(pattern, norm):
+    layer = make(pattern, True, norm).double()
+    x = torch.randn(2, 17, 8, dtype=torch.float64)  # chunks of 5: three boundaries
+    state = layer.initial_state(2)
+    ys = []
+    for t in range(17):
+        y_t, state = layer.step(x[:, t], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), layer(x), rtol=1e-9, atol=1e-9)
+    ema_state, cache = state
+    assert ema_state.shape == (2, 8, 3)
+    if pattern == "chunk":
+        assert cache.key.shape == (2, 1, 5, 6) and cache.value.shape == (2, 1, 5, 10)
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+def test_padding_changes_nothing_at_real_positions(pattern):
+    layer = make(pattern, causal=False)
+    x = torch.randn(1, 12, 8)
+    pad = torch.zeros(1, 12, dtype=torch.bool)
+    pad[0, 9:] = True
+    other = x.clone()
+    other[0, 9:] = torch.randn(3, 8) * 10
+    torch.testing.assert_close(layer(x, pad)[0, :9], layer(other, pad)[0, :9])
+    torch.testing.assert_close(layer(x, pad)[0, :9], layer(x[:, :9])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_only_meet_through_the_ema():
+    layer = make("chunk", causal=True)
+    with torch.no_grad():  # an EMA that passes nothing on: zero output weights and skip
+        layer.ema.eta.zero_()
+        layer.ema.omega.zero_()
+    x = torch.randn(1, 10, 8)
+    changed = x.clone()
+    changed[0, 2] += 1.0  # a token of the first chunk (positions 0..4)
+    a, b = layer(x), layer(changed)
+    torch.testing.assert_close(a[0, 5:], b[0, 5:])  # the second chunk does not see it
+    assert not torch.allclose(a[0, 2:5], b[0, 2:5])
+
+
+def test_initialisation_follows_the_reference():
+    torch.manual_seed(0)
+    layer = MegaLayer(64, 128, ema=MultiHeadEMA(64), chunk_size=16, z_dim=32)
+    for linear in (layer.v_proj, layer.mx_proj, layer.h_proj):
+        assert abs(linear.weight.std().item() - 0.02) < 0.003
+        assert torch.all(linear.bias == 0)
+    assert torch.all(layer.qk_offset == 0)
+    assert layer.v_dim == 128  # default 2 * d_model
+    assert layer.relative_bias.table.shape == (2 * 16 - 1,)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(pattern="diagonal"), ValueError, "pattern must be one of"),
+    (dict(chunk_size=None), ValueError, "chunk_size"),
+    (dict(z_dim=0), ValueError, "z_dim"),
+    (dict(v_dim=-2), ValueError, "v_dim"),
+    (dict(norm="middle"), ValueError, "norm must be one of"),
+    (dict(dropout=1.0), ValueError, "dropout"),
+    (dict(causal="yes"), TypeError, "causal"),
+    (dict(ema=MultiHeadEMA(8, bidirectional=True)), ValueError, "ema.bidirectional must be False"),
+    (dict(ema=MultiHeadEMA(6)), ValueError, "d_model=8"),
+])
+def test_bad_arguments_are_named(kwargs, error, match):
+    args = dict(ema=MultiHeadEMA(8), pattern="chunk", chunk_size=4, **{})
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        MegaLayer(8, 16, **args)
+
+
+def test_step_needs_a_causal_layer():
+    layer = make("chunk", causal=False)
+    with pytest.raises(RuntimeError, match="causal"):
+        layer.initial_state(1)
+    with pytest.raises(RuntimeError, match="causal"):
+        layer.step(torch.randn(1, 8), None)
+
+
+# ------------------------------------------------------------------------------- config
+def test_presets_build_mega_blocks_in_every_layer():
+    cfg = SpadeConfig.from_preset("mega-chunk", "lra")
+    assert (cfg.block, cfg.ssm, cfg.attention, cfg.position) == ("mega", "ema", "chunk",
+                                                                 "simple")
+    assert cfg.global_layers == list(range(cfg.n_layers))
+    assert (cfg.mega_z_dim, cfg.mega_v_dim) == (64, 256)  # Mega's LRA widths at d 128
+    full = SpadeConfig.from_preset("mega", "tiny", mega_z_dim=8)
+    assert full.attention == "full" and full.mega_z_dim == 8
+    assert SpadeConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(global_layers=[0]), "global_layers must be"),
+    (dict(attention="none"), "block='mega' needs attention"),
+    (dict(position="t5"), "block='mega' takes position"),
+    (dict(mega_z_dim=0), "mega_z_dim must be a positive integer"),
+    (dict(block="cnn"), "block must be one of"),
+])
+def test_config_refuses_bad_mega_combinations(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        SpadeConfig.from_preset("mega-chunk", "tiny", **overrides)
+
+
+def test_mega_fields_need_block_mega():
+    with pytest.raises(ValueError, match="mega_v_dim is only used with block='mega'"):
+        SpadeConfig(mega_v_dim=32)
+    with pytest.raises(ValueError, match="position='simple'.*needs block='mega'"):
+        SpadeConfig(position="simple")
