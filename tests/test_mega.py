@@ -41,9 +41,11 @@ def allowed(pattern, L, causal, window=3, chunk=5):
 
 
 def mega_by_the_equations(layer: MegaLayer, x: torch.Tensor) -> torch.Tensor:
-    """The module docstring's equations, pre-LN, with the weights split by hand."""
+    """The module docstring's equations with the weights split by hand; pre-LN feeds LN(X)
+    to the EMA and V, post-LN feeds X and normalises after each residual sum."""
     d, z, v = layer.d_model, layer.z_dim, layer.v_dim
-    xn = layer.norm_mix(x)
+    pre = layer.norm_placement == "pre"
+    xn = layer.norm_mix(x) if pre else x
     W, b = layer.mx_proj.weight, layer.mx_proj.bias
     W_u, W_z, W_r, W_h = W.split([d, z, v, d])
     b_u, b_z, b_r, b_h = b.split([d, z, v, d])
@@ -63,13 +65,21 @@ def mega_by_the_equations(layer: MegaLayer, x: torch.Tensor) -> torch.Tensor:
     U = torch.sigmoid(mx @ W_u.T + b_u)
     H = F.silu(mx @ W_h.T + b_h + layer.h_proj(R * O))
     Y = U * H + (1 - U) * x
-    return Y + layer.ffn(layer.norm_ffn(Y))
+
+    def ffn(y):  # Mega's feed-forward: SiLU between the two linears
+        return layer.ffn.fc2(F.silu(layer.ffn.fc1(y)))
+
+    if pre:
+        return Y + ffn(layer.norm_ffn(Y))
+    Y = layer.norm_mix(Y)
+    return layer.norm_ffn(Y + ffn(Y))
 
 
 @pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
 @pytest.mark.parametrize("causal", [True, False])
-def test_forward_follows_the_equations(pattern, causal):
-    layer = make(pattern, causal).double()
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_forward_follows_the_equations(pattern, causal, norm):
+    layer = make(pattern, causal, norm).double()
     x = torch.randn(2, 13, 8, dtype=torch.float64)
     torch.testing.assert_close(layer(x), mega_by_the_equations(layer, x), rtol=1e-10, atol=1e-10)
 
@@ -138,6 +148,11 @@ def test_initialisation_follows_the_reference():
         assert abs(linear.weight.std().item() - 0.02) < 0.003
         assert torch.all(linear.bias == 0)
     assert torch.all(layer.qk_offset == 0)
+    assert abs(layer.qk_scale.std().item() - 0.02) < 0.005
+    ema = layer.ema  # eta, omega ~ N(0, 1); alpha / delta logits ~ N(0, 0.2^2)
+    assert 0.9 < ema.eta.std().item() < 1.1 and 0.7 < ema.omega.std().item() < 1.3
+    assert 0.17 < ema.alpha_logit.std().item() < 0.23
+    assert 0.17 < ema.delta_logit.std().item() < 0.23
     assert layer.v_dim == 128  # default 2 * d_model
     assert layer.relative_bias.table.shape == (2 * 16 - 1,)
 
@@ -158,6 +173,32 @@ def test_bad_arguments_are_named(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         MegaLayer(8, 16, **args)
+
+
+def test_optimiser_groups_keep_gains_biases_and_ema_dynamics_out_of_weight_decay():
+    from spadeformer.training.optim import param_groups
+
+    layer = make("chunk")
+    groups = {g["name"]: g for g in param_groups(layer, 1e-3, 0.1, ssm_lr=1e-4)}
+    names = {id(p): n for n, p in layer.named_parameters()}
+    decayed = {names[id(p)] for g in groups.values() if g["weight_decay"] > 0
+               for p in g["params"]}
+    assert decayed == {"v_proj.weight", "mx_proj.weight", "h_proj.weight", "ffn.fc1.weight",
+                       "ffn.fc2.weight", "ema.eta"}
+    ssm = {names[id(p)] for p in groups["ssm"]["params"]}
+    assert ssm == {"ema.alpha_logit", "ema.delta_logit", "ema.beta"}
+    assert groups["ssm"]["lr"] == 1e-4
+
+
+def test_step_refuses_a_state_that_is_not_its_own():
+    layer = make("chunk")
+    x_t = torch.randn(2, 8)
+    ema_state, cache = layer.initial_state(2)
+    for bad in (None, cache, (ema_state, None)):
+        with pytest.raises(TypeError, match=r"\(EMA state, AttentionCache\) pair"):
+            layer.step(x_t, bad)
+    with pytest.raises(TypeError, match="relative_bias must be a bool"):
+        MegaLayer(8, 16, ema=MultiHeadEMA(8), chunk_size=4, relative_bias="no")
 
 
 def test_step_needs_a_causal_layer():

@@ -15,6 +15,7 @@ _PUBLIC = {
     "LocalLayer": "spadeformer.layers",
     "GlobalLayer": "spadeformer.layers",
     "DecoderLayer": "spadeformer.layers",
+    "MegaLayer": "spadeformer.mega",
     "CrossAttention": "spadeformer.cross_attention",
     "SpadeModel": "spadeformer.models",
     "SpadeForCausalLM": "spadeformer.models",
@@ -26,6 +27,7 @@ _PUBLIC = {
     "S5": "spadeformer.ssm",
     "Hyena": "spadeformer.ssm",
     "LSTMGlobal": "spadeformer.ssm",
+    "MultiHeadEMA": "spadeformer.ssm",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -38,9 +38,10 @@ POSITION_BIASES = (None, "t5", "shaw")
 class AttentionCache:
     """Keys and values of the tokens a causal decoder may still attend to.
 
-    key, value: (batch, heads, num_slots, head_dim). ``position`` is the absolute position of
-    the next token to decode (= the number of tokens seen so far); which slot holds which
-    position follows from it and the pattern (see :meth:`Attention.step`).
+    key: (batch, heads, num_slots, key_dim), value: (batch, heads, num_slots, value_dim)
+    (both head_dim for :class:`Attention`; Mega's z and v). ``position`` is the absolute
+    position of the next token to decode (= the number of tokens seen so far); which slot
+    holds which position follows from it and the pattern (see :meth:`Attention.step`).
     """
 
     key: torch.Tensor

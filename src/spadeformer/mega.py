@@ -23,7 +23,11 @@ dense ``_ref`` twin, :meth:`MegaLayer.forward_ref`).
 Reference-code choices kept: W_u, W_z, W_r, W_h are one fused projection of X'; weights
 start N(0, 0.02^2), biases and mu at 0, kappa N(0, 0.02^2); b_rel is the "simple" relative
 bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelativeBias`).
-Not implemented: the laplace / relu^2 attention functions, rotary bias, scale / batch norm.
+Not implemented: the laplace / relu^2 attention functions, rotary bias, scale / batch norm,
+and the reference's separate ``hidden_dropout`` (on V and inside the FFN): ``dropout`` is the
+one rate here. Weight decay: the reference decays every parameter; here kappa, mu and the
+biases are not decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr``
+without decay (pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
 
 Decoding (causal): ``initial_state`` / ``step`` keep the EMA state (d_model x n_dims) and the
 attention cache of the pattern (chunk: the current chunk only), so memory is constant.
@@ -37,11 +41,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spadeformer.attention import attend_cached, cache_append, cache_slots, empty_cache
+from spadeformer.attention import (
+    AttentionCache,
+    attend_cached,
+    cache_append,
+    cache_slots,
+    empty_cache,
+)
 from spadeformer.layers import NORMS, FeedForward, state_to_device
 from spadeformer.ops.local_attn import PATTERNS, attention_ref, local_attention
 from spadeformer.ops.position_bias import SimpleRelativeBias
-from spadeformer.ssm.base import GlobalExtractor, check_padding_mask, check_positive, check_sequence
+from spadeformer.ssm.base import (
+    GlobalExtractor,
+    check_padding_mask,
+    check_positive,
+    check_sequence,
+    mark_no_weight_decay,
+)
 
 __all__ = ["MegaLayer", "bias_reach"]
 
@@ -109,6 +125,8 @@ class MegaLayer(nn.Module):
         if not isinstance(ema, GlobalExtractor) or ema.d_model != d_model:
             raise ValueError(f"ema must be a global extractor of d_model={d_model}, got "
                              f"{type(ema).__name__}(d_model={getattr(ema, 'd_model', None)})")
+        if not isinstance(relative_bias, bool):
+            raise TypeError(f"relative_bias must be a bool, got {relative_bias!r}")
         if ema.bidirectional == causal:
             raise ValueError(f"ema.bidirectional must be {not causal} for causal={causal} "
                              f"(a causal block needs a causal EMA, and the reverse)")
@@ -128,6 +146,9 @@ class MegaLayer(nn.Module):
         self.h_proj = nn.Linear(v_dim, d_model)  # U_h
         self.qk_scale = nn.Parameter(torch.randn(2, z_dim) * _INIT_STD)  # kappa_q, kappa_k
         self.qk_offset = nn.Parameter(torch.zeros(2, z_dim))  # mu_q, mu_k
+        # a per-dimension gain and bias (like LayerNorm's), stored as (2, z) matrices: keep
+        # them out of the "decay what has ndim >= 2" rule
+        mark_no_weight_decay(self, ("qk_scale", "qk_offset"))
         self.relative_bias = (
             SimpleRelativeBias(bias_reach(pattern, window_size, chunk_size, max_positions))
             if relative_bias else None
@@ -206,6 +227,10 @@ class MegaLayer(nn.Module):
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
             raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
+        if not (isinstance(state, tuple) and len(state) == 2
+                and isinstance(state[1], AttentionCache)):
+            raise TypeError("state must be the (EMA state, AttentionCache) pair from "
+                            f"MegaLayer.initial_state(), got {type(state).__name__}")
         ema_state, cache = state
         xn = self._inputs(x_t)
         v = F.silu(self.v_proj(xn))

@@ -54,7 +54,7 @@ def test_step_decoding_equals_forward(system, stepwise_logits):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("system", ["spade-s4-window", "transformer-chunk", "s4"])
+@pytest.mark.parametrize("system", ["spade-s4-window", "transformer-chunk", "s4", "mega"])
 def test_bidirectional_classifier_and_padding(system):
     cfg = tiny(system, causal=False, num_labels=3)
     model = SpadeForSequenceClassification(cfg).eval()
