@@ -207,10 +207,13 @@ class MegaLayer(nn.Module):
         return self._finish(x, u, r, hx, o.to(x.dtype))
 
     # ---------------------------------------------------------------------- decoding
-    def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[Any, Any]:
-        """(EMA state, attention cache of one head: keys z wide, values v wide)."""
+    def _require_causal(self) -> None:
         if not self.causal:
             raise RuntimeError("initial_state()/step() need a causal MegaLayer (causal=True)")
+
+    def initial_state(self, batch_size: int, device=None, dtype=None) -> tuple[Any, Any]:
+        """(EMA state, attention cache of one head: keys z wide, values v wide)."""
+        self._require_causal()
         weight = self.v_proj.weight
         device = weight.device if device is None else device
         ema_state = state_to_device(self.ema.initial_state(batch_size), device)
@@ -222,8 +225,7 @@ class MegaLayer(nn.Module):
     def step(self, x_t: torch.Tensor, state: tuple[Any, Any]) -> tuple[torch.Tensor, Any]:
         """One token per row: x_t (batch, d_model) -> (batch, d_model), new state. Equals
         :meth:`forward` at this position; the state is consumed (see Attention.step)."""
-        if not self.causal:
-            raise RuntimeError("initial_state()/step() need a causal MegaLayer (causal=True)")
+        self._require_causal()
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
             raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
