@@ -47,7 +47,7 @@ stage pytest 120 "$py" -m pytest -q -p no:cacheprovider "${tests[@]}"
 bench=("$py" -m spadeformer.cli bench train --lengths "$lengths" --device "$device"
        --in-process --warmup 2 --repeats 5 --max-seconds 60 "${shape[@]}")
 models=transformer-full-eager,transformer-full,transformer-window,transformer-chunk,s4
-models+=,spade-s4-window,spade-s4-chunk
+models+=,spade-s4-window,spade-s4-chunk,mega-chunk
 stage train-flex "$limit" "${bench[@]}" --models "$models" --out "$work/train-flex"
 SPADEFORMER_ATTENTION_BACKEND=sdpa stage train-sdpa 120 "${bench[@]}" \
   --models transformer-window,transformer-chunk,spade-s4-window,spade-s4-chunk \
