@@ -89,6 +89,17 @@ def test_lra_presets_hold_table10(name):
     assert "our choice" in text
 
 
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c.startswith(("lra/", "lm/", "seq2seq/"))])
+def test_every_system_fits_the_lra_lm_and_seq2seq_files(name):
+    """configs/README.md: any model.preset works with these files (config level)."""
+    from spadeformer.config import SYSTEMS
+
+    cfg = load_run_config(ROOT / "configs" / name)
+    for system in SYSTEMS:
+        built = build_model_config({**cfg["model"], "preset": system})
+        assert built.attention == SpadeConfig.from_preset(system).attention
+
+
 def _ablation_expectation(name: str) -> dict:
     if m := re.fullmatch(r"window(\d+)-seq(\d)k", name):
         return {"window_size": int(m[1]), "seq_len": {"2": 2048, "3": 3072, "4": 4096,
@@ -331,6 +342,18 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
         "wikitext103", "stdlib", "seq2seq", "span_corruption"))
     saved = SpadeConfig.from_dict(json.loads((run / "model" / "config.json").read_text())["config"])
     assert saved.to_dict() == SpadeConfig.from_dict(model).to_dict()
+
+
+def test_mega_chunk_trains_on_an_lra_file(data, tmp_path):
+    """The README's MEGA-chunk line: listops.yaml with model.preset=mega-chunk, two steps."""
+    name = "lra/listops.yaml"
+    overrides = [o for o in small_overrides(load_run_config(ROOT / "configs" / name), data)
+                 if "ssm_options.d_state" not in o]  # S4's option: the EMA has n_dims
+    metrics = train(str(ROOT / "configs" / name), [*overrides, "model.preset=mega-chunk"],
+                    out=str(tmp_path / "run"))
+    assert metrics["step"] == 2 and math.isfinite(metrics["val_loss"])
+    resolved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())["model"]
+    assert (resolved["block"], resolved["ssm"], resolved["causal"]) == ("mega", "ema", False)
 
 
 # --------------------------------------------------------------------- eval on trained runs
