@@ -26,7 +26,12 @@ from torch import nn
 
 from spadeformer.ops.local_attn import PATTERNS, _call_bias, attention_ref, local_attention
 from spadeformer.ops.position_bias import ShawRelativeBias, T5RelativeBias
-from spadeformer.ssm.base import check_padding_mask, check_positive, check_sequence
+from spadeformer.ssm.base import (
+    check_padding_mask,
+    check_positive,
+    check_sequence,
+    check_step_input,
+)
 
 __all__ = ["Attention", "AttentionCache", "POSITION_BIASES", "attend_cached", "cache_append",
            "cache_slots", "empty_cache"]
@@ -351,9 +356,7 @@ class Attention(nn.Module):
         (beam search, several continuations of one prompt), ``copy.deepcopy`` it first.
         """
         self._require_causal()
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
-            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
+        check_step_input(x_t, self.d_model)
         q, k, v = (
             rearrange(proj(x_t), "b (h d) -> b h d", h=self.n_heads)
             for proj in (self.q_proj, self.k_proj, self.v_proj)

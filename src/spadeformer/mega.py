@@ -56,6 +56,7 @@ from spadeformer.ssm.base import (
     check_padding_mask,
     check_positive,
     check_sequence,
+    check_step_input,
     mark_no_weight_decay,
 )
 
@@ -226,9 +227,7 @@ class MegaLayer(nn.Module):
         """One token per row: x_t (batch, d_model) -> (batch, d_model), new state. Equals
         :meth:`forward` at this position; the state is consumed (see Attention.step)."""
         self._require_causal()
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
-            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
+        check_step_input(x_t, self.d_model)
         if not (isinstance(state, tuple) and len(state) == 2
                 and isinstance(state[1], AttentionCache)):
             raise TypeError("state must be the (EMA state, AttentionCache) pair from "

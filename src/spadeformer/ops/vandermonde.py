@@ -43,6 +43,13 @@ def _check(Ct: torch.Tensor, z: torch.Tensor, L: int) -> None:
         )
 
 
+def _lag_blocks(L: int) -> tuple[int, int]:
+    """Lags 0 .. L-1 as l = a M + b: M = ceil(sqrt(L)) consecutive lags per block and
+    A = ceil(L / M) blocks, so A * M >= L (at most M - 1 lags wasted)."""
+    M = math.isqrt(L - 1) + 1
+    return M, -(-L // M)
+
+
 def _powers(log_r: torch.Tensor, theta: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
     """z^e for z = exp(log_r + i theta): (..., N) x (E,) -> (..., E, N).
 
@@ -71,8 +78,7 @@ def vandermonde_kernel(Ct: torch.Tensor, z: torch.Tensor, L: int) -> torch.Tenso
     real = z.real.dtype
     # Powers in float64 (cheap: O(N sqrt(L)) numbers), see the module docstring.
     work = torch.float64 if z.device.type != "mps" else real
-    M = math.isqrt(L - 1) + 1  # ceil(sqrt(L)): a block of M consecutive lags
-    A = -(-L // M)  # ceil(L / M) blocks, so A * M >= L (at most M - 1 lags wasted)
+    M, A = _lag_blocks(L)
     # log|z| clamped to a finite number so that exponent 0 gives exactly 1 even at z = 0.
     zw = z.to(torch.complex128 if work == torch.float64 else dtype)
     log_r = torch.log(zw.abs()).clamp_min(torch.finfo(work).min)
@@ -135,8 +141,7 @@ def decay_kernel(c: torch.Tensor, q: torch.Tensor, L: int) -> torch.Tensor:
     _check_real(c, q, L)
     dtype = torch.promote_types(c.dtype, q.dtype)
     work = torch.float64 if q.device.type != "mps" else dtype
-    M = math.isqrt(L - 1) + 1
-    A = -(-L // M)
+    M, A = _lag_blocks(L)
     log_q = torch.log(q.to(work)).clamp_min(torch.finfo(work).min)  # q = 0 -> 0^0 = 1
     b = torch.arange(M, device=q.device, dtype=work)
     aM = torch.arange(A, device=q.device, dtype=work) * M

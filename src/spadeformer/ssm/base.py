@@ -90,6 +90,13 @@ def check_dropout(dropout: Any) -> None:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
 
+def check_step_input(x_t: Any, d_model: int) -> None:
+    """x_t must be a tensor of shape (batch, d_model): one token per row of a decoding step."""
+    if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != d_model:
+        got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+        raise ValueError(f"x_t must have shape (batch, d_model={d_model}), got {got}")
+
+
 def check_sequence(x: Any, d_model: int, name: str = "x") -> None:
     """x must be a floating tensor of shape (batch, length >= 1, d_model)."""
     if not isinstance(x, torch.Tensor):
@@ -249,6 +256,14 @@ class FrozenCache:
             self._entries.popitem(last=False)
         return value
 
+    def get_when_frozen(self, what: tuple, params: Sequence[torch.Tensor],
+                        compute: Callable[[], Any]) -> Any:
+        """``compute()`` itself while any of ``params`` requires grad (a trained value must
+        carry its gradient), else the cached value of :meth:`get`."""
+        if any(p.requires_grad for p in params):
+            return compute()
+        return self.get(what, params, compute)
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -331,9 +346,7 @@ class GlobalExtractor(nn.Module):
                 f"step() needs a causal model, but this {type(self).__name__} has "
                 "bidirectional=True (it looks at future tokens); build it with bidirectional=False"
             )
-        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
-            got = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must have shape (batch, d_model={self.d_model}), got {got}")
+        check_step_input(x_t, self.d_model)
         if not x_t.is_floating_point():
             raise TypeError(f"x_t must be a floating-point tensor, got dtype {x_t.dtype}")
         with fp32_region(x_t.device.type):

@@ -112,9 +112,8 @@ class MultiHeadEMA(GlobalExtractor):
     def _kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         check_positive("length", length)
         params = self._kernel_params()
-        if any(p.requires_grad for p in params):
-            return self._compute_kernels(length)
-        return self._cache.get((length,), params, lambda: self._compute_kernels(length))
+        return self._cache.get_when_frozen((length,), params,
+                                           lambda: self._compute_kernels(length))
 
     def kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward kernel and reverse kernel (None when causal), each (1, d_model, length);

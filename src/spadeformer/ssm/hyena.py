@@ -217,9 +217,7 @@ class Hyena(GlobalExtractor):
             h = self._filters_at(torch.arange(length, device=params[0].device))
             return h[0], (h[1] if self.bidirectional else None)
 
-        if any(p.requires_grad for p in params):
-            return compute()
-        return self._filter_cache.get((length,), params, compute)
+        return self._filter_cache.get_when_frozen((length,), params, compute)
 
     def _check_length(self, length: int) -> None:
         if self.max_length is not None and length > self.max_length:

@@ -242,9 +242,8 @@ class S4D(GlobalExtractor):
         reads them)."""
         check_positive("length", length)
         params = self._kernel_params()
-        if any(p.requires_grad for p in params):
-            return self._compute_kernels(length)
-        return self._cache.get((length,), params, lambda: self._compute_kernels(length))
+        return self._cache.get_when_frozen((length,), params,
+                                           lambda: self._compute_kernels(length))
 
     def kernel(self, length: int) -> torch.Tensor:
         """The causal (forward) convolution kernel, (channels, d_model, length)."""
