@@ -127,6 +127,16 @@ def test_settings_that_contradict_the_data_are_refused(tmp_path, corpus_root, ca
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_full_attention_mega_refuses_data_longer_than_its_bias(tmp_path, corpus_root, capsys):
+    tiny = [a for a in TINY if not a.startswith(("model.preset=", "model.ssm_options."))]
+    out = tmp_path / "mega"
+    assert main(["train", "--out", str(out), f"data.root={corpus_root}", *tiny,
+                 "model.preset=mega", "model.max_position=16"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len=32 is longer than model.max_position=16 (the relative bias" in err
+    assert not (out / "checkpoints").exists()
+
+
 def test_eval_refuses_batch_counts_that_score_nothing(tmp_path, corpus_root, capsys):
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), f"data.root={corpus_root}", *TINY,

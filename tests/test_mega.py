@@ -58,9 +58,19 @@ def mega_by_the_equations(layer: MegaLayer, x: torch.Tensor) -> torch.Tensor:
     offsets = torch.arange(L)[None, :] - torch.arange(L)[:, None]
     reach = layer.relative_bias.max_positions - 1
     b_rel = layer.relative_bias.table[offsets.clamp(-reach, reach) + reach]
-    scores = Q @ K.transpose(1, 2) / math.sqrt(z) + b_rel
-    scores = scores.masked_fill(~allowed(layer.pattern, L, layer.causal), float("-inf"))
-    O = torch.softmax(scores, -1) @ V
+    ok = allowed(layer.pattern, L, layer.causal)
+    if layer.attention_fn == "softmax":
+        scores = Q @ K.transpose(1, 2) / math.sqrt(z) + b_rel
+        O = torch.softmax(scores.masked_fill(~ok, float("-inf")), -1) @ V
+    else:  # Mega's element-wise weights: scores over the count of keys seen, unnormalised
+        n = ok.sum(-1, keepdim=True)
+        scores = Q @ K.transpose(1, 2) / n + b_rel
+        if layer.attention_fn == "laplace":
+            weights = 0.5 * (1 + torch.erf((scores - math.sqrt(0.5))
+                                           / (math.sqrt(1 / (4 * math.pi)) * math.sqrt(2))))
+        else:
+            weights = torch.clamp(scores, min=0) ** 2
+        O = (weights * ok) @ V
     R = F.silu(mx @ W_r.T + b_r)
     U = torch.sigmoid(mx @ W_u.T + b_u)
     H = F.silu(mx @ W_h.T + b_h + layer.h_proj(R * O))
@@ -84,6 +94,18 @@ def test_forward_follows_the_equations(pattern, causal, norm):
     torch.testing.assert_close(layer(x), mega_by_the_equations(layer, x), rtol=1e-10, atol=1e-10)
 
 
+ELEMENT_FNS = ["laplace", "relu2"]
+
+
+@pytest.mark.parametrize("attention_fn", ELEMENT_FNS)
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+@pytest.mark.parametrize("causal", [True, False])
+def test_element_attention_follows_the_equations(attention_fn, pattern, causal):
+    layer = make(pattern, causal, attention_fn=attention_fn).double()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), mega_by_the_equations(layer, x), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("norm", ["pre", "post"])
@@ -99,10 +121,28 @@ def test_fast_attention_matches_the_dense_reference(pattern, causal, norm):
     assert not torch.allclose(no_bias(x, pad)[~pad], fast[~pad], atol=1e-2)  # the bias counts
 
 
+@pytest.mark.parametrize("attention_fn", ELEMENT_FNS)
 @pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
-@pytest.mark.parametrize("norm", ["pre", "post"])
-def test_step_equals_forward_across_chunk_boundaries(pattern, norm):
-    layer = make(pattern, True, norm).double()
+@pytest.mark.parametrize("causal", [True, False])
+def test_fast_element_attention_matches_the_dense_reference(attention_fn, pattern, causal):
+    layer = make(pattern, causal, attention_fn=attention_fn)
+    x = torch.randn(2, 37, 8)
+    pad = torch.zeros(2, 37, dtype=torch.bool)
+    pad[1, 30:] = True
+    fast, ref = layer(x, pad), layer.forward_ref(x, pad)
+    torch.testing.assert_close(fast[~pad], ref[~pad], rtol=1e-4, atol=1e-4)
+    softmax = copy.deepcopy(layer)
+    softmax.attention_fn = "softmax"
+    assert not torch.allclose(softmax(x, pad)[~pad], fast[~pad], atol=1e-2)  # the fn counts
+    fast.sum().backward()  # the element path trains
+    assert layer.qk_scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+@pytest.mark.parametrize("norm, attention_fn", [("pre", "softmax"), ("post", "softmax"),
+                                                ("pre", "laplace"), ("post", "relu2")])
+def test_step_equals_forward_across_chunk_boundaries(pattern, norm, attention_fn):
+    layer = make(pattern, True, norm, attention_fn=attention_fn).double()
     x = torch.randn(2, 17, 8, dtype=torch.float64)  # chunks of 5: three boundaries
     state = layer.initial_state(2)
     ys = []
@@ -117,8 +157,10 @@ def test_step_equals_forward_across_chunk_boundaries(pattern, norm):
 
 
 @pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
-def test_padding_changes_nothing_at_real_positions(pattern):
-    layer = make(pattern, causal=False)
+@pytest.mark.parametrize("attention_fn", ["softmax", "laplace"])
+def test_padding_changes_nothing_at_real_positions(pattern, attention_fn):
+    # laplace too: its scores divide by the count of keys seen, which must leave out padding
+    layer = make(pattern, causal=False, attention_fn=attention_fn)
     x = torch.randn(1, 12, 8)
     pad = torch.zeros(1, 12, dtype=torch.bool)
     pad[0, 9:] = True
@@ -167,6 +209,7 @@ def test_initialisation_follows_the_reference():
     (dict(causal="yes"), TypeError, "causal"),
     (dict(ema=MultiHeadEMA(8, bidirectional=True)), ValueError, "ema.bidirectional must be False"),
     (dict(ema=MultiHeadEMA(6)), ValueError, "d_model=8"),
+    (dict(attention_fn="gelu"), ValueError, "attention_fn must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     args = dict(ema=MultiHeadEMA(8), pattern="chunk", chunk_size=4, **{})
@@ -199,6 +242,21 @@ def test_step_refuses_a_state_that_is_not_its_own():
             layer.step(x_t, bad)
     with pytest.raises(TypeError, match="relative_bias must be a bool"):
         MegaLayer(8, 16, ema=MultiHeadEMA(8), chunk_size=4, relative_bias="no")
+
+
+def test_full_attention_refuses_lengths_its_bias_cannot_tell_apart():
+    layer = make("full", max_positions=6)
+    layer(torch.randn(1, 6, 8))  # exactly max_positions: every offset has its own scalar
+    with pytest.raises(ValueError, match="sequence length 7 exceeds max_positions=6"):
+        layer(torch.randn(1, 7, 8))
+    state = layer.initial_state(1)
+    for _ in range(6):
+        _, state = layer.step(torch.randn(1, 8), state)
+    with pytest.raises(ValueError, match="sequence length 7 exceeds max_positions=6"):
+        layer.step(torch.randn(1, 8), state)
+    make("chunk", max_positions=6)(torch.randn(1, 20, 8))  # chunks never reach that far
+    no_bias = make("full", max_positions=6, relative_bias=False)
+    no_bias(torch.randn(1, 20, 8))
 
 
 def test_step_needs_a_causal_layer():
@@ -236,5 +294,37 @@ def test_config_refuses_bad_mega_combinations(overrides, match):
 def test_mega_fields_need_block_mega():
     with pytest.raises(ValueError, match="mega_v_dim is only used with block='mega'"):
         SpadeConfig(mega_v_dim=32)
+    with pytest.raises(ValueError, match="mega_attention_fn is only used with block='mega'"):
+        SpadeConfig(mega_attention_fn="laplace")
     with pytest.raises(ValueError, match="position='simple'.*needs block='mega'"):
         SpadeConfig(position="simple")
+
+
+def test_config_options_that_mega_blocks_do_not_have():
+    # one head per block: n_heads need not divide d_model (it does for Transformer blocks)
+    mega = SpadeConfig.from_preset("mega-chunk", "tiny", d_model=30, n_heads=4)
+    assert mega.block == "mega"
+    with pytest.raises(ValueError, match="must be divisible by n_heads"):
+        SpadeConfig.from_preset("spade-s4-chunk", "tiny", d_model=30, n_heads=4)
+    for overrides in (dict(combine="add"), dict(add_weight=0.3)):
+        with pytest.raises(ValueError, match="a Mega block has neither option"):
+            SpadeConfig.from_preset("mega-chunk", "tiny", **overrides)
+    with pytest.raises(ValueError, match="mega_attention_fn must be one of"):
+        SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="tanh")
+
+
+def test_config_attention_fn_reaches_every_block():
+    from spadeformer.models import SpadeForCausalLM
+
+    cfg = SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="laplace")
+    model = SpadeForCausalLM(cfg)
+    fns = {m.attention_fn for m in model.modules() if isinstance(m, MegaLayer)}
+    assert fns == {"laplace"}
+
+
+def test_position_limit_names_what_bounds_the_length():
+    assert SpadeConfig.from_preset("mega", "tiny", max_position=64).position_limit == 64
+    assert SpadeConfig.from_preset("mega-chunk", "tiny").position_limit is None
+    assert SpadeConfig.from_preset("mega", "tiny", position="none").position_limit is None
+    assert SpadeConfig(position="learned", max_position=32).position_limit == 32
+    assert SpadeConfig().position_limit is None

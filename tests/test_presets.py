@@ -344,16 +344,20 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
     assert saved.to_dict() == SpadeConfig.from_dict(model).to_dict()
 
 
-def test_mega_chunk_trains_on_an_lra_file(data, tmp_path):
-    """The README's MEGA-chunk line: listops.yaml with model.preset=mega-chunk, two steps."""
-    name = "lra/listops.yaml"
+@pytest.mark.parametrize("name, extra", [
+    ("lra/listops.yaml", []),  # the README's MEGA-chunk line
+    ("lra/image.yaml", ["model.mega_attention_fn=laplace"]),  # configs/README: Mega's image run
+])
+def test_mega_chunk_trains_on_an_lra_file(data, tmp_path, name, extra):
+    """An LRA file with model.preset=mega-chunk, two steps."""
     overrides = [o for o in small_overrides(load_run_config(ROOT / "configs" / name), data)
                  if "ssm_options.d_state" not in o]  # S4's option: the EMA has n_dims
-    metrics = train(str(ROOT / "configs" / name), [*overrides, "model.preset=mega-chunk"],
-                    out=str(tmp_path / "run"))
+    metrics = train(str(ROOT / "configs" / name),
+                    [*overrides, "model.preset=mega-chunk", *extra], out=str(tmp_path / "run"))
     assert metrics["step"] == 2 and math.isfinite(metrics["val_loss"])
     resolved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())["model"]
     assert (resolved["block"], resolved["ssm"], resolved["causal"]) == ("mega", "ema", False)
+    assert resolved["mega_attention_fn"] == ("laplace" if extra else "softmax")
 
 
 # --------------------------------------------------------------------- eval on trained runs

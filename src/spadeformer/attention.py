@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from spadeformer.ops.element_attn import element_weights
 from spadeformer.ops.local_attn import PATTERNS, _call_bias, attention_ref, local_attention
 from spadeformer.ops.position_bias import ShawRelativeBias, T5RelativeBias
 from spadeformer.ssm.base import (
@@ -150,17 +151,25 @@ def cache_append(
 
 def attend_cached(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pos: torch.Tensor,
                   valid: torch.Tensor | None, position: int, bias=None,
-                  dropout_p: float = 0.0) -> torch.Tensor:
+                  dropout_p: float = 0.0, attention_fn: str = "softmax") -> torch.Tensor:
     """One query per row against the cached keys: q (batch, heads, dk) at absolute
     ``position``, key (batch, heads, S, dk), value (batch, heads, S, dv) -> (batch, heads, dv),
-    in the cache's dtype. ``bias`` is a relative position bias callable (or None)."""
+    in the cache's dtype. ``bias`` is a relative position bias callable (or None);
+    ``attention_fn`` as in :func:`spadeformer.ops.local_attn.attention_ref`."""
     mask: torch.Tensor | None = None if valid is None else valid.view(1, 1, 1, -1)
     q = q.unsqueeze(2).to(key.dtype)  # (batch, heads, 1, dk)
+    b = None
     if bias is not None:
         q_pos = torch.tensor([position], device=q.device)
         b = _call_bias(bias, q_pos, k_pos, q).to(q.dtype)  # (.., heads, 1, S)
         if b.dim() == 3:
             b = b.unsqueeze(0)
+    if attention_fn != "softmax":
+        weights = element_weights(q @ key.transpose(-1, -2), mask, b, attention_fn)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        return (weights @ value)[:, :, 0]
+    if b is not None:
         if mask is not None:
             b = b.masked_fill(~mask, float("-inf"))
         mask = b

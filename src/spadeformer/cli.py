@@ -63,7 +63,7 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
             raise RunConfigError(f"train.{key}={given!r} contradicts the data: "
                                  f"data.name={cfg['data'].get('name')!r} needs "
                                  f"train.{key}={needed!r} (drop train.{key}, it follows the data)")
-    _check_learned_positions(model_config, source)
+    _check_position_limit(model_config, source)
     try:
         train_config = TrainConfig.from_dict(train_section)
     except ValueError as err:  # its messages name fields; on the command line they are train.*
@@ -170,21 +170,27 @@ def _check_same_run(out: str, saved: dict[str, Any], model: dict[str, Any],
                       "other data than it started with", stacklevel=3)
 
 
-def _check_learned_positions(model_config, source) -> None:
-    """Learned positions hold max_position tokens: refuse data lengths beyond that before any
+def _check_position_limit(model_config, source) -> None:
+    """Learned positions hold max_position tokens, and so does a full-attention Mega's
+    relative bias (``SpadeConfig.position_limit``): refuse data lengths beyond that before any
     training (the first validation would otherwise fail after the training steps)."""
     from spadeformer.runconfig import RunConfigError
 
-    if model_config.position != "learned":
+    limit = model_config.position_limit
+    if limit is None:
         return
-    for key in ("seq_len", "eval_seq_len", "max_length", "max_source_length",
-                "max_target_length"):  # each a data.* option of some source
+    keys = ["seq_len", "eval_seq_len", "max_length", "max_source_length"]  # data.* options
+    if model_config.position == "learned":  # the encoder-decoder's decoder learns them too
+        why = "position='learned' has one embedding per position"
+        keys.append("max_target_length")
+    else:  # Mega blocks only in the encoder
+        why = "the relative bias of full-attention Mega blocks tells max_position offsets apart"
+    for key in keys:
         length = getattr(source, key, None)
-        if isinstance(length, int) and length > model_config.max_position:
+        if isinstance(length, int) and length > limit:
             raise RunConfigError(
-                f"data.{key}={length} is longer than model.max_position="
-                f"{model_config.max_position} (position='learned' has one embedding per "
-                f"position): raise model.max_position or shorten data.{key}")
+                f"data.{key}={length} is longer than model.max_position={limit} ({why}): "
+                f"raise model.max_position or shorten data.{key}")
 
 
 def _model_config(build, model_section: dict[str, Any], task):

@@ -131,9 +131,12 @@ class SpadeConfig:
     # Layer type: "transformer" (Global / Local layers: SPADE and the Transformer / SSM
     # baselines) or "mega" (Ma et al. 2022). Mega's widths: Z (queries / keys; None =
     # d_model // 2) and V (values; None = 2 * d_model), as Mega's LRA configs (d 128: z 64, v 256).
+    # mega_attention_fn: "softmax", or the reference's element-wise "laplace" (its LRA image /
+    # Pathfinder runs) / "relu2". n_heads, combine and add_weight do not apply to Mega blocks.
     block: str = "transformer"
     mega_z_dim: int | None = None
     mega_v_dim: int | None = None
+    mega_attention_fn: str = "softmax"
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -146,7 +149,8 @@ class SpadeConfig:
                              f"retrieval heads), got {self.num_labels}")
         _bool("causal", self.causal)
         _bool("tie_embeddings", self.tie_embeddings)
-        if self.d_model % self.n_heads:
+        _choice("block", self.block, BLOCKS)
+        if self.block == "transformer" and self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
@@ -158,7 +162,6 @@ class SpadeConfig:
         _choice("norm", self.norm, NORMS)
         _choice("combine", self.combine, COMBINES)
         _choice("pooling", self.pooling, POOLINGS)
-        _choice("block", self.block, BLOCKS)
         if not isinstance(self.ssm_options, dict):
             raise ValueError(f"ssm_options must be a dict, got {self.ssm_options!r}")
         from spadeformer.ssm import check_ssm_options  # lazy: the SSMs import torch
@@ -227,12 +230,18 @@ class SpadeConfig:
 
     def _check_block(self) -> None:
         """Mega-specific fields and combinations; fills Mega's default widths."""
+        from spadeformer.ops.element_attn import ATTENTION_FNS  # lazy: it imports torch
+
         mega_fields = ("mega_z_dim", "mega_v_dim")
+        _choice("mega_attention_fn", self.mega_attention_fn, ATTENTION_FNS)
         if self.block != "mega":
-            for name in mega_fields:
-                if getattr(self, name) is not None:
+            unused = {name: getattr(self, name) for name in mega_fields}
+            unused["mega_attention_fn"] = (None if self.mega_attention_fn == "softmax"
+                                           else self.mega_attention_fn)
+            for name, value in unused.items():
+                if value is not None:
                     raise ValueError(f"{name} is only used with block='mega'; got {name}="
-                                     f"{getattr(self, name)!r} with block={self.block!r}")
+                                     f"{value!r} with block={self.block!r}")
             if self.position == "simple":
                 raise ValueError("position='simple' (Mega's relative bias) needs block='mega', "
                                  f"got block={self.block!r}")
@@ -252,6 +261,19 @@ class SpadeConfig:
         if self.position not in ("none", "simple", "sinusoidal", "learned"):
             raise ValueError("block='mega' takes position in ['none', 'simple', 'sinusoidal', "
                              f"'learned'], got {self.position!r}")
+        if self.combine != "concat" or self.add_weight != 0.5:
+            raise ValueError("combine and add_weight mix a global layer's SSM and attention; "
+                             "a Mega block has neither option: leave them at their defaults, "
+                             f"got combine={self.combine!r}, add_weight={self.add_weight!r}")
+
+    @property
+    def position_limit(self) -> int | None:
+        """The longest sequence the positions allow (None = any): ``max_position`` with learned
+        positions, and with Mega's simple relative bias over full attention."""
+        if self.position == "learned" or (
+                self.block == "mega" and self.position == "simple" and self.attention == "full"):
+            return self.max_position
+        return None
 
     # ---------------------------------------------------------------- derived
     @property

@@ -64,14 +64,15 @@ def check_generate_args(max_new_tokens, temperature, top_k, top_p, seed=None) ->
 
 
 def check_decoding_length(model, prompt_length: int, max_new_tokens: int) -> None:
-    """Raise ValueError when ``model.max_steps`` (learned positions; None or absent = no
-    limit) cannot hold the prompt plus ``max_new_tokens`` (the last token is never stepped)."""
+    """Raise ValueError when ``model.max_steps`` (the positions' limit, see
+    ``SpadeConfig.position_limit``; None or absent = no limit) cannot hold the prompt plus
+    ``max_new_tokens`` (the last token is never stepped)."""
     steps = prompt_length + max(int(max_new_tokens) - 1, 0)
     limit = getattr(model, "max_steps", None)
     if limit is not None and steps > limit:
         raise ValueError(
             f"prompt length {prompt_length} + max_new_tokens={max_new_tokens} needs "
-            f"{steps} decoding steps, but the model takes at most {limit} (learned positions: "
+            f"{steps} decoding steps, but the model takes at most {limit} (its positions end at "
             f"max_position={limit}); shorten the prompt or ask for fewer tokens"
         )
 

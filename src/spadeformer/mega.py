@@ -8,6 +8,7 @@ One block, pre-LN (``norm="pre"``), X the block input and X_n = LN(X):
     Q   = kappa_q * Z + mu_q,  K = kappa_k * Z + mu_k   per-dimension scale and offset (Eq. 9)
     V   = SiLU(X_n W_v + b_v)                   (v)   (Eq. 10)
     O   = softmax(Q K^T / sqrt(z) + b_rel) V    single-head attention over the pattern (Eq. 11)
+          or f(Q K^T / n + b_rel) V             f = laplace / relu^2, n = keys seen (Sec. 3.3)
     R   = SiLU(X' W_r + b_r)                    (v)   reset gate (Eq. 12, gamma)
     U   = sigmoid(X' W_u + b_u)                 (d)   update gate (Eq. 13, phi)
     H   = SiLU(X' W_h + (R * O) U_h + b_h)      (d)   (Eq. 14)
@@ -22,12 +23,15 @@ dense ``_ref`` twin, :meth:`MegaLayer.forward_ref`).
 
 Reference-code choices kept: W_u, W_z, W_r, W_h are one fused projection of X'; weights
 start N(0, 0.02^2), biases and mu at 0, kappa N(0, 0.02^2); b_rel is the "simple" relative
-bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelativeBias`).
-Not implemented: the laplace / relu^2 attention functions, rotary bias, scale / batch norm,
-and the reference's separate ``hidden_dropout`` (on V and inside the FFN): ``dropout`` is the
-one rate here. Weight decay: the reference decays every parameter; here kappa, mu and the
-biases are not decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr``
-without decay (pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
+bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelativeBias`);
+with full attention, sequences longer than ``max_positions`` are refused (as the reference
+does). ``attention_fn`` "laplace" / "relu2" are the reference's element-wise attention
+functions (:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
+Not implemented: rotary bias, scale / batch norm, and the reference's separate
+``hidden_dropout`` (on V and inside the FFN): ``dropout`` is the one rate here. Weight decay:
+the reference decays every parameter; here kappa, mu and the biases are not decayed, and the
+EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay (pass
+``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
 
 Decoding (causal): ``initial_state`` / ``step`` keep the EMA state (d_model x n_dims) and the
 attention cache of the pattern (chunk: the current chunk only), so memory is constant.
@@ -49,6 +53,7 @@ from spadeformer.attention import (
     empty_cache,
 )
 from spadeformer.layers import NORMS, FeedForward, state_to_device
+from spadeformer.ops.element_attn import check_attention_fn
 from spadeformer.ops.local_attn import PATTERNS, attention_ref, local_attention
 from spadeformer.ops.position_bias import SimpleRelativeBias
 from spadeformer.ssm.base import (
@@ -94,7 +99,9 @@ class MegaLayer(nn.Module):
         attention_dropout: on the attention probabilities.
         norm: "pre" or "post".
         relative_bias: add the simple relative position bias b_rel.
-        max_positions: offsets the bias tells apart with pattern="full" (beyond: clipped).
+        max_positions: with pattern="full" and the bias, the longest sequence (the bias has
+            one scalar per offset up to max_positions - 1).
+        attention_fn: "softmax", or Mega's element-wise "laplace" / "relu2".
 
     forward: x (batch, L, d_model), padding_mask (batch, L) bool True = padded
     -> (batch, L, d_model).
@@ -104,7 +111,8 @@ class MegaLayer(nn.Module):
                  window_size: int | None = None, chunk_size: int | None = None,
                  causal: bool = True, z_dim: int = 64, v_dim: int | None = None,
                  dropout: float = 0.0, attention_dropout: float = 0.0, norm: str = "pre",
-                 relative_bias: bool = True, max_positions: int = 4096):
+                 relative_bias: bool = True, max_positions: int = 4096,
+                 attention_fn: str = "softmax"):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("z_dim", z_dim),
                             ("max_positions", max_positions)):
@@ -128,6 +136,7 @@ class MegaLayer(nn.Module):
                              f"{type(ema).__name__}(d_model={getattr(ema, 'd_model', None)})")
         if not isinstance(relative_bias, bool):
             raise TypeError(f"relative_bias must be a bool, got {relative_bias!r}")
+        check_attention_fn(attention_fn)
         if ema.bidirectional == causal:
             raise ValueError(f"ema.bidirectional must be {not causal} for causal={causal} "
                              f"(a causal block needs a causal EMA, and the reverse)")
@@ -136,6 +145,8 @@ class MegaLayer(nn.Module):
         self.window_size = window_size if pattern == "window" else None
         self.chunk_size = chunk_size if pattern == "chunk" else None
         self.attention_dropout = float(attention_dropout)
+        self.attention_fn = attention_fn
+        self.max_positions = max_positions
         self.norm_placement = norm
 
         self.norm_mix = nn.LayerNorm(d_model)
@@ -197,6 +208,7 @@ class MegaLayer(nn.Module):
     def _forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None, attn) -> torch.Tensor:
         check_sequence(x, self.d_model)
         check_padding_mask(padding_mask, x.shape[0], x.shape[1])
+        self._check_reach(x.shape[1])
         xn = self._inputs(x)
         v = F.silu(self.v_proj(xn))
         mx = self.dropout(F.silu(self.ema(xn, padding_mask=padding_mask)))
@@ -204,8 +216,18 @@ class MegaLayer(nn.Module):
         o = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1).to(q.dtype), self.pattern,
                  window_size=self.window_size, chunk_size=self.chunk_size, causal=self.causal,
                  key_padding_mask=padding_mask, bias=self.relative_bias,
-                 dropout_p=self.attention_dropout if self.training else 0.0)[:, 0]
+                 dropout_p=self.attention_dropout if self.training else 0.0,
+                 attention_fn=self.attention_fn)[:, 0]
         return self._finish(x, u, r, hx, o.to(x.dtype))
+
+    def _check_reach(self, length: int) -> None:
+        """Full attention with the bias: refuse what the bias cannot tell apart (the other
+        patterns never see an offset beyond their chunk / window)."""
+        if self.pattern == "full" and self.relative_bias is not None \
+                and length > self.max_positions:
+            raise ValueError(f"sequence length {length} exceeds max_positions="
+                             f"{self.max_positions} of the relative bias of a full-attention "
+                             "Mega block: raise max_positions (model.max_position)")
 
     # ---------------------------------------------------------------------- decoding
     def _require_causal(self) -> None:
@@ -233,6 +255,7 @@ class MegaLayer(nn.Module):
             raise TypeError("state must be the (EMA state, AttentionCache) pair from "
                             f"MegaLayer.initial_state(), got {type(state).__name__}")
         ema_state, cache = state
+        self._check_reach(cache.position + 1)
         xn = self._inputs(x_t)
         v = F.silu(self.v_proj(xn))
         mx_t, ema_state = self.ema.step(xn, ema_state)
@@ -242,7 +265,8 @@ class MegaLayer(nn.Module):
                                                        self.pattern)
         o = attend_cached(q.unsqueeze(1), key, value, k_pos, valid, position,
                           self.relative_bias,
-                          self.attention_dropout if self.training else 0.0)[:, 0]
+                          self.attention_dropout if self.training else 0.0,
+                          self.attention_fn)[:, 0]
         return self._finish(x_t, u, r, hx, o.to(x_t.dtype)), (ema_state, cache)
 
     def extra_repr(self) -> str:
@@ -250,4 +274,4 @@ class MegaLayer(nn.Module):
                 "chunk": f", chunk_size={self.chunk_size}", "full": ""}[self.pattern]
         return (f"d_model={self.d_model}, z_dim={self.z_dim}, v_dim={self.v_dim}, "
                 f"pattern={self.pattern!r}{size}, causal={self.causal}, "
-                f"norm={self.norm_placement!r}")
+                f"norm={self.norm_placement!r}, attention_fn={self.attention_fn!r}")

@@ -106,6 +106,7 @@ class SpadeModel(PretrainedMixin, nn.Module):
             causal=c.causal, z_dim=c.mega_z_dim, v_dim=c.mega_v_dim, dropout=c.dropout,
             attention_dropout=c.attention_dropout, norm=c.norm,
             relative_bias=c.position == "simple", max_positions=c.max_position,
+            attention_fn=c.mega_attention_fn,
         )
 
     def _build_attention(self) -> Attention:

@@ -123,8 +123,8 @@ class SpadeForCausalLM(PretrainedMixin, nn.Module):
     @property
     def max_steps(self) -> int | None:
         """How many tokens ``step()`` can take from the initial state (None = unbounded):
-        ``max_position`` with learned positions."""
-        return self.config.max_position if self.config.position == "learned" else None
+        ``SpadeConfig.position_limit``."""
+        return self.config.position_limit
 
     def step(self, input_ids_t: torch.Tensor, state: dict[str, Any]):
         """input_ids_t (batch,) -> logits (batch, vocab) (log-probabilities with the adaptive

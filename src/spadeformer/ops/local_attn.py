@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from spadeformer.ops import cpu_window_attn
+from spadeformer.ops.element_attn import check_attention_fn, element_weights
 from spadeformer.ops.flex_attn import flex_local_attention, note_failure, pick_backend
 
 __all__ = [
@@ -226,22 +227,33 @@ def attention_ref(
     key_padding_mask: torch.Tensor | None = None,
     bias: BiasLike | None = None,
     dropout_p: float = 0.0,
+    attention_fn: str = "softmax",
 ) -> torch.Tensor:
     """The specification: dense scores, dense mask, softmax. O(L^2) memory; for tests.
 
     q, k: (batch, heads, L, d); v: (batch, heads, L, dv) -> (batch, heads, L, dv).
+    ``attention_fn`` "laplace" / "relu2" replaces the softmax by Mega's element-wise weights
+    (:mod:`spadeformer.ops.element_attn`).
     """
     _check_qkv(q, k, v)
     _check_pattern(pattern, window_size, chunk_size)
     _check_dropout(dropout_p)
+    check_attention_fn(attention_fn)
     B, H, L, d = q.shape
     _check_kpm(key_padding_mask, B, L)
     allowed = dense_attention_mask(pattern, L, window_size, chunk_size, causal, q.device)
     allowed = allowed[None, None]  # (1, 1, L, L)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]  # (B, 1, L, L)
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
     fn = _as_bias_fn(bias, L, H)
+    if attention_fn != "softmax":
+        pos = torch.arange(L, device=q.device)
+        b = None if fn is None else _call_bias(fn, pos, pos, q)
+        probs = element_weights(torch.einsum("bhid,bhjd->bhij", q, k), allowed, b, attention_fn)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p)
+        return torch.einsum("bhij,bhjd->bhid", probs, v)
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
     if fn is not None:
         pos = torch.arange(L, device=q.device)
         scores = scores + _call_bias(fn, pos, pos, q).to(scores.dtype)
@@ -271,11 +283,13 @@ def _blocked_attention(
     key_padding_mask: torch.Tensor | None,
     bias: BiasLike | None,
     dropout_p: float,
+    attention_fn: str = "softmax",
 ) -> torch.Tensor:
     """Queries in blocks of ``block``; block n sees keys [n*block - left, (n+1)*block + right).
 
     Inside that band, query i may see key j when -lo <= j - i <= hi (None = no limit); keys
-    outside [0, L) or padded are masked. One SDPA call on (batch * blocks, heads, block, d).
+    outside [0, L) or padded are masked. One SDPA call on (batch * blocks, heads, block, d);
+    for an element-wise ``attention_fn``, two batched matmuls around :func:`element_weights`.
     """
     B, H, L, d = q.shape
     nb = -(-L // block)
@@ -307,7 +321,8 @@ def _blocked_attention(
     # past L in the last block are only visible to the (discarded) query rows past L.
     fn = _as_bias_fn(bias, L, H)
     pure_causal = left == 0 and right == 0 and lo is None and hi == 0
-    if pure_causal and key_padding_mask is None and fn is None:
+    softmax = attention_fn == "softmax"
+    if softmax and pure_causal and key_padding_mask is None and fn is None:
         out = F.scaled_dot_product_attention(qb, kbk, vbk, dropout_p=dropout_p, is_causal=True)
         return rearrange(out, "(b n) h i d -> b h (n i) d", b=B)[:, :, :L]
 
@@ -338,6 +353,16 @@ def _blocked_attention(
         valid = valid.unfold(1, kb, block)  # (B, nb, kb)
         valid = rearrange(valid, "b n j -> (b n) 1 1 j")
         allowed = valid if allowed is None else allowed & valid
+
+    if not softmax:  # no NaN risk: an empty row gets zero weights
+        b = None
+        if fn is not None:
+            q5 = rearrange(qb, "(b n) h i d -> b h n i d", b=B)
+            b = _block_bias(fn, qb_5d=q5, block=block, nb=nb, left=left, kb=kb)
+        weights = element_weights(qb @ kbk.transpose(-1, -2), allowed, b, attention_fn)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        return rearrange(weights @ vbk, "(b n) h i d -> b h (n i) d", b=B)[:, :, :L]
 
     # Rows with no allowed key (padding, or query rows past L): SDPA may give NaN there, and
     # NaN scores poison every gradient in the backward pass, so such rows see every key of
@@ -395,6 +420,7 @@ def sliding_window_attention(
     bias: BiasLike | None = None,
     dropout_p: float = 0.0,
     block_size: int | None = None,
+    attention_fn: str = "softmax",
 ) -> torch.Tensor:
     """Sliding-window attention, blocked: (batch, heads, L, d) -> (batch, heads, L, dv).
 
@@ -402,10 +428,12 @@ def sliding_window_attention(
     own keys plus the ``window_size`` keys before it (and after it when not causal), so every
     SDPA call sees at most block + 2 * window keys per query. On CPU the common causal case
     (block = window, no mask, bias or dropout) takes :mod:`spadeformer.ops.cpu_window_attn`,
-    which reads the key band as a view instead of copying it.
+    which reads the key band as a view instead of copying it. ``attention_fn``: as in
+    :func:`attention_ref`.
     """
     _check_qkv(q, k, v)
     _check_size("window_size", window_size)
+    check_attention_fn(attention_fn)
     if block_size is not None:
         _check_size("block_size", block_size)
     _check_dropout(dropout_p)
@@ -413,7 +441,7 @@ def sliding_window_attention(
     _check_kpm(key_padding_mask, q.shape[0], L)
     w = min(window_size, L - 1)  # a window wider than the sequence sees all of it
     block = min(block_size or max(window_size, 1), L)
-    if cpu_window_attn.supported(
+    if attention_fn == "softmax" and cpu_window_attn.supported(
         q, k, v, window=w, block=block, causal=causal, key_padding_mask=key_padding_mask,
         bias=bias, dropout_p=dropout_p,
     ):
@@ -430,6 +458,7 @@ def sliding_window_attention(
         key_padding_mask=key_padding_mask,
         bias=bias,
         dropout_p=dropout_p,
+        attention_fn=attention_fn,
     )
 
 
@@ -442,9 +471,12 @@ def chunk_attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: BiasLike | None = None,
     dropout_p: float = 0.0,
+    attention_fn: str = "softmax",
 ) -> torch.Tensor:
-    """Attention inside non-overlapping chunks: (batch, heads, L, d) -> (batch, heads, L, dv)."""
+    """Attention inside non-overlapping chunks: (batch, heads, L, d) -> (batch, heads, L, dv).
+    ``attention_fn``: as in :func:`attention_ref`."""
     _check_qkv(q, k, v)
+    check_attention_fn(attention_fn)
     _check_size("chunk_size", chunk_size)
     _check_dropout(dropout_p)
     L = q.shape[2]
@@ -461,6 +493,7 @@ def chunk_attention(
         key_padding_mask=key_padding_mask,
         bias=bias,
         dropout_p=dropout_p,
+        attention_fn=attention_fn,
     )
 
 
@@ -472,9 +505,13 @@ def full_attention(
     key_padding_mask: torch.Tensor | None = None,
     bias: BiasLike | None = None,
     dropout_p: float = 0.0,
+    attention_fn: str = "softmax",
 ) -> torch.Tensor:
-    """Full (quadratic) attention via SDPA: (batch, heads, L, d) -> (batch, heads, L, dv)."""
+    """Full (quadratic) attention via SDPA: (batch, heads, L, d) -> (batch, heads, L, dv).
+    An element-wise ``attention_fn`` (see :func:`attention_ref`) has no fused kernel: its
+    L x L weights are materialised, as in the Mega reference."""
     _check_qkv(q, k, v)
+    check_attention_fn(attention_fn)
     _check_dropout(dropout_p)
     L = q.shape[2]
     _check_kpm(key_padding_mask, q.shape[0], L)
@@ -490,6 +527,7 @@ def full_attention(
         key_padding_mask=key_padding_mask,
         bias=bias,
         dropout_p=dropout_p,
+        attention_fn=attention_fn,
     )
 
 
@@ -505,6 +543,7 @@ def local_attention(
     bias: BiasLike | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    attention_fn: str = "softmax",
 ) -> torch.Tensor:
     """Fast twin of :func:`attention_ref` (same arguments): dispatch on ``pattern``.
 
@@ -513,11 +552,20 @@ def local_attention(
     ``backend``: "sdpa" = one batched SDPA call over query blocks (every device); "flex" =
     FlexAttention with a block-sparse mask (:mod:`spadeformer.ops.flex_attn`); "auto" = flex
     on CUDA when the call is in its scope (no dropout, no query-dependent bias), else SDPA; a
-    failing flex kernel makes auto fall back to SDPA with one warning.
+    failing flex kernel makes auto fall back to SDPA with one warning. An element-wise
+    ``attention_fn`` (Mega's laplace / relu2, see :func:`attention_ref`) always takes the
+    blocked path: FlexAttention only runs a softmax.
     """
     _check_pattern(pattern, window_size, chunk_size)
     _check_dropout(dropout_p)
     _check_qkv(q, k, v)  # before pick_backend reads q.device
+    check_attention_fn(attention_fn)
+    if attention_fn != "softmax":
+        if backend == "flex":
+            raise ValueError(f"backend='flex' runs a softmax only; attention_fn="
+                             f"{attention_fn!r} needs backend 'sdpa' or 'auto'")
+        pick_backend(backend, q, bias, dropout_p)  # still refuses an unknown backend
+        backend = "sdpa"
     if pick_backend(backend, q, bias, dropout_p) == "flex":
         _check_kpm(key_padding_mask, q.shape[0], q.shape[2])
         try:
@@ -530,7 +578,8 @@ def local_attention(
             if backend == "flex":
                 raise
             note_failure(err)
-    common = dict(causal=causal, key_padding_mask=key_padding_mask, bias=bias, dropout_p=dropout_p)
+    common = dict(causal=causal, key_padding_mask=key_padding_mask, bias=bias, dropout_p=dropout_p,
+                  attention_fn=attention_fn)
     if pattern == "window":
         return sliding_window_attention(q, k, v, window_size, **common)
     if pattern == "chunk":
