@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spadeformer.config import SpadeConfig
-from spadeformer.layers import GlobalLayer, LocalLayer
+from spadeformer.layers import GlobalLayer, LocalLayer, ScaleNorm, make_norm
 from spadeformer.models import SpadeForCausalLM
 
 
@@ -81,3 +81,20 @@ def test_combine_changes_the_output():
         torch.manual_seed(0)
         outs.append(SpadeForCausalLM(tiny(combine=combine)).eval()(ids).logits)
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_scale_and_rms_norms_follow_their_formulas():
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    rms = (x.square().mean(-1, keepdim=True) + 1e-5).sqrt()
+    scale = ScaleNorm().double()
+    with torch.no_grad():
+        scale.scale.fill_(1.7)
+    torch.testing.assert_close(scale(x), 1.7 * x / rms)
+    assert [p.shape for p in scale.parameters()] == [torch.Size([])]  # one scalar
+    rmsnorm = make_norm("rmsnorm", 8).double()
+    with torch.no_grad():
+        rmsnorm.weight.copy_(torch.arange(1.0, 9.0))
+    torch.testing.assert_close(rmsnorm(x), x / rms * torch.arange(1.0, 9.0, dtype=torch.float64))
+    assert isinstance(make_norm("layernorm", 8), torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="norm type must be one of"):
+        make_norm("batchnorm", 8)

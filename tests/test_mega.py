@@ -139,10 +139,11 @@ def test_fast_element_attention_matches_the_dense_reference(attention_fn, patter
 
 
 @pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
-@pytest.mark.parametrize("norm, attention_fn", [("pre", "softmax"), ("post", "softmax"),
-                                                ("pre", "laplace"), ("post", "relu2")])
-def test_step_equals_forward_across_chunk_boundaries(pattern, norm, attention_fn):
-    layer = make(pattern, True, norm, attention_fn=attention_fn).double()
+@pytest.mark.parametrize("norm, attention_fn, norm_type", [
+    ("pre", "softmax", "layernorm"), ("post", "softmax", "layernorm"),
+    ("pre", "laplace", "scalenorm"), ("post", "relu2", "rmsnorm")])
+def test_step_equals_forward_across_chunk_boundaries(pattern, norm, attention_fn, norm_type):
+    layer = make(pattern, True, norm, attention_fn=attention_fn, norm_type=norm_type).double()
     x = torch.randn(2, 17, 8, dtype=torch.float64)  # chunks of 5: three boundaries
     state = layer.initial_state(2)
     ys = []
@@ -210,6 +211,7 @@ def test_initialisation_follows_the_reference():
     (dict(ema=MultiHeadEMA(8, bidirectional=True)), ValueError, "ema.bidirectional must be False"),
     (dict(ema=MultiHeadEMA(6)), ValueError, "d_model=8"),
     (dict(attention_fn="gelu"), ValueError, "attention_fn must be one of"),
+    (dict(norm_type="batchnorm"), ValueError, "norm_type must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     args = dict(ema=MultiHeadEMA(8), pattern="chunk", chunk_size=4, **{})
@@ -296,6 +298,8 @@ def test_mega_fields_need_block_mega():
         SpadeConfig(mega_v_dim=32)
     with pytest.raises(ValueError, match="mega_attention_fn is only used with block='mega'"):
         SpadeConfig(mega_attention_fn="laplace")
+    with pytest.raises(ValueError, match="mega_norm is only used with block='mega'"):
+        SpadeConfig(mega_norm="scalenorm")
     with pytest.raises(ValueError, match="position='simple'.*needs block='mega'"):
         SpadeConfig(position="simple")
 
@@ -313,13 +317,20 @@ def test_config_options_that_mega_blocks_do_not_have():
         SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="tanh")
 
 
-def test_config_attention_fn_reaches_every_block():
+def test_config_attention_fn_and_norm_reach_every_block():
+    from spadeformer.layers import ScaleNorm
     from spadeformer.models import SpadeForCausalLM
 
-    cfg = SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="laplace")
+    cfg = SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="laplace",
+                                  mega_norm="scalenorm")
     model = SpadeForCausalLM(cfg)
-    fns = {m.attention_fn for m in model.modules() if isinstance(m, MegaLayer)}
-    assert fns == {"laplace"}
+    blocks = [m for m in model.modules() if isinstance(m, MegaLayer)]
+    assert len(blocks) == cfg.n_layers
+    assert {m.attention_fn for m in blocks} == {"laplace"}
+    norms = [n for m in blocks for n in (m.norm_mix, m.norm_ffn)]
+    assert all(isinstance(n, ScaleNorm) for n in [*norms, model.backbone.final_norm])
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+    assert SpadeConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_position_limit_names_what_bounds_the_length():

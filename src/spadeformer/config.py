@@ -132,11 +132,14 @@ class SpadeConfig:
     # baselines) or "mega" (Ma et al. 2022). Mega's widths: Z (queries / keys; None =
     # d_model // 2) and V (values; None = 2 * d_model), as Mega's LRA configs (d 128: z 64, v 256).
     # mega_attention_fn: "softmax", or the reference's element-wise "laplace" (its LRA image /
-    # Pathfinder runs) / "relu2". n_heads, combine and add_weight do not apply to Mega blocks.
+    # Pathfinder runs) / "relu2". mega_norm: "layernorm", "scalenorm" (its LRA text /
+    # retrieval runs) or "rmsnorm", in every block and at the end of the stack.
+    # n_heads, combine and add_weight do not apply to Mega blocks.
     block: str = "transformer"
     mega_z_dim: int | None = None
     mega_v_dim: int | None = None
     mega_attention_fn: str = "softmax"
+    mega_norm: str = "layernorm"
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -230,18 +233,19 @@ class SpadeConfig:
 
     def _check_block(self) -> None:
         """Mega-specific fields and combinations; fills Mega's default widths."""
-        from spadeformer.ops.element_attn import ATTENTION_FNS  # lazy: it imports torch
+        from spadeformer.layers import NORM_TYPES  # lazy: these import torch
+        from spadeformer.ops.element_attn import ATTENTION_FNS
 
         mega_fields = ("mega_z_dim", "mega_v_dim")
         _choice("mega_attention_fn", self.mega_attention_fn, ATTENTION_FNS)
+        _choice("mega_norm", self.mega_norm, NORM_TYPES)
         if self.block != "mega":
-            unused = {name: getattr(self, name) for name in mega_fields}
-            unused["mega_attention_fn"] = (None if self.mega_attention_fn == "softmax"
-                                           else self.mega_attention_fn)
-            for name, value in unused.items():
-                if value is not None:
+            defaults = {name: None for name in mega_fields}
+            defaults.update(mega_attention_fn="softmax", mega_norm="layernorm")
+            for name, default in defaults.items():
+                if getattr(self, name) != default:
                     raise ValueError(f"{name} is only used with block='mega'; got {name}="
-                                     f"{value!r} with block={self.block!r}")
+                                     f"{getattr(self, name)!r} with block={self.block!r}")
             if self.position == "simple":
                 raise ValueError("position='simple' (Mega's relative bias) needs block='mega', "
                                  f"got block={self.block!r}")

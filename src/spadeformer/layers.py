@@ -33,10 +33,37 @@ from spadeformer.attention import Attention
 from spadeformer.cross_attention import CrossAttention, MemoryKV
 from spadeformer.ssm.base import GlobalExtractor
 
-__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "state_to_device"]
+__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "ScaleNorm", "make_norm",
+           "state_to_device"]
 
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
+NORM_TYPES = ("layernorm", "scalenorm", "rmsnorm")  # what make_norm builds
+
+
+class ScaleNorm(nn.Module):
+    """g * x / sqrt(mean(x^2) + eps) with one learned scalar g (starts at 1): Nguyen & Salazar
+    2019, one of Mega's norms. (..., d) -> (..., d)."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+
+
+def make_norm(kind: str, d_model: int) -> nn.Module:
+    """A normalisation over the last axis of width d_model: "layernorm", "scalenorm" or
+    "rmsnorm" (per-dimension gain, no centring), all with eps 1e-5."""
+    if kind == "layernorm":
+        return nn.LayerNorm(d_model)
+    if kind == "scalenorm":
+        return ScaleNorm()
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d_model, eps=1e-5)
+    raise ValueError(f"norm type must be one of {list(NORM_TYPES)}, got {kind!r}")
 
 
 ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}

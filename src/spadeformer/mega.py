@@ -27,11 +27,14 @@ bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelati
 with full attention, sequences longer than ``max_positions`` are refused (as the reference
 does). ``attention_fn`` "laplace" / "relu2" are the reference's element-wise attention
 functions (:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
-Not implemented: rotary bias, scale / batch norm, and the reference's separate
-``hidden_dropout`` (on V and inside the FFN): ``dropout`` is the one rate here. Weight decay:
-the reference decays every parameter; here kappa, mu and the biases are not decayed, and the
-EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay (pass
-``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
+``norm_type`` picks the reference's layer / scale / RMS norm for both norms of the block (its
+LRA text and retrieval runs use scalenorm). Not implemented: rotary bias, batch norm (its
+image runs; statistics over the batch do not fit padding or one-token decoding), and the
+reference's separate ``hidden_dropout`` (on V and inside the FFN): ``dropout`` is the one
+rate here. Weight decay: the reference decays every parameter; here kappa, mu and the
+biases are not decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr``
+without decay (pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for
+one lr).
 
 Decoding (causal): ``initial_state`` / ``step`` keep the EMA state (d_model x n_dims) and the
 attention cache of the pattern (chunk: the current chunk only), so memory is constant.
@@ -52,7 +55,7 @@ from spadeformer.attention import (
     cache_slots,
     empty_cache,
 )
-from spadeformer.layers import NORMS, FeedForward, state_to_device
+from spadeformer.layers import NORM_TYPES, NORMS, FeedForward, make_norm, state_to_device
 from spadeformer.ops.element_attn import check_attention_fn
 from spadeformer.ops.local_attn import PATTERNS, attention_ref, local_attention
 from spadeformer.ops.position_bias import SimpleRelativeBias
@@ -98,6 +101,7 @@ class MegaLayer(nn.Module):
         dropout: on X', on H, and in the feed-forward (training only).
         attention_dropout: on the attention probabilities.
         norm: "pre" or "post".
+        norm_type: "layernorm", "scalenorm" or "rmsnorm" (both norms of the block).
         relative_bias: add the simple relative position bias b_rel.
         max_positions: with pattern="full" and the bias, the longest sequence (the bias has
             one scalar per offset up to max_positions - 1).
@@ -112,7 +116,7 @@ class MegaLayer(nn.Module):
                  causal: bool = True, z_dim: int = 64, v_dim: int | None = None,
                  dropout: float = 0.0, attention_dropout: float = 0.0, norm: str = "pre",
                  relative_bias: bool = True, max_positions: int = 4096,
-                 attention_fn: str = "softmax"):
+                 attention_fn: str = "softmax", norm_type: str = "layernorm"):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("z_dim", z_dim),
                             ("max_positions", max_positions)):
@@ -128,6 +132,8 @@ class MegaLayer(nn.Module):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+        if norm_type not in NORM_TYPES:
+            raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {norm_type!r}")
         for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout)):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
@@ -149,8 +155,9 @@ class MegaLayer(nn.Module):
         self.max_positions = max_positions
         self.norm_placement = norm
 
-        self.norm_mix = nn.LayerNorm(d_model)
-        self.norm_ffn = nn.LayerNorm(d_model)
+        self.norm_type = norm_type
+        self.norm_mix = make_norm(norm_type, d_model)
+        self.norm_ffn = make_norm(norm_type, d_model)
         self.ema = ema
         self.v_proj = nn.Linear(d_model, v_dim)
         # X' -> [update gate U (d) | Z (z) | reset gate R (v) | X' W_h (d)], one matmul
@@ -274,4 +281,5 @@ class MegaLayer(nn.Module):
                 "chunk": f", chunk_size={self.chunk_size}", "full": ""}[self.pattern]
         return (f"d_model={self.d_model}, z_dim={self.z_dim}, v_dim={self.v_dim}, "
                 f"pattern={self.pattern!r}{size}, causal={self.causal}, "
-                f"norm={self.norm_placement!r}, attention_fn={self.attention_fn!r}")
+                f"norm={self.norm_placement!r}, norm_type={self.norm_type!r}, "
+                f"attention_fn={self.attention_fn!r}")

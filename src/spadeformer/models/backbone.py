@@ -20,7 +20,7 @@ from torch import nn
 
 from spadeformer.attention import Attention
 from spadeformer.config import SpadeConfig
-from spadeformer.layers import GlobalLayer, LocalLayer
+from spadeformer.layers import GlobalLayer, LocalLayer, make_norm
 from spadeformer.mega import MegaLayer
 from spadeformer.models.adaptive import AdaptiveInput
 from spadeformer.models.io import PretrainedMixin
@@ -95,7 +95,9 @@ class SpadeModel(PretrainedMixin, nn.Module):
                 self.layers.append(LocalLayer(c.d_model, c.n_heads, c.d_ff, attention=attn,
                                               dropout=c.dropout, norm=c.norm))
         # Pre-LN stacks need a last norm; post-LN layers already end in one.
-        self.final_norm = nn.LayerNorm(c.d_model) if c.norm == "pre" else nn.Identity()
+        # (a Mega stack ends in its own norm type, as the reference's encoder does)
+        final = make_norm(c.mega_norm, c.d_model) if c.block == "mega" else nn.LayerNorm(c.d_model)
+        self.final_norm = final if c.norm == "pre" else nn.Identity()
 
     def _build_mega_layer(self) -> MegaLayer:
         c = self.config
@@ -106,7 +108,7 @@ class SpadeModel(PretrainedMixin, nn.Module):
             causal=c.causal, z_dim=c.mega_z_dim, v_dim=c.mega_v_dim, dropout=c.dropout,
             attention_dropout=c.attention_dropout, norm=c.norm,
             relative_bias=c.position == "simple", max_positions=c.max_position,
-            attention_fn=c.mega_attention_fn,
+            attention_fn=c.mega_attention_fn, norm_type=c.mega_norm,
         )
 
     def _build_attention(self) -> Attention:
