@@ -235,6 +235,23 @@ def test_optimiser_groups_keep_gains_biases_and_ema_dynamics_out_of_weight_decay
     assert groups["ssm"]["lr"] == 1e-4
 
 
+def test_hidden_dropout_acts_on_the_values_and_the_ffn_hidden_layer_only():
+    layer = make("chunk", dropout=0.3, hidden_dropout=0.0)
+    seen = []
+    layer.hidden_dropout.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    layer.ffn.hidden_dropout.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    layer.train()(torch.randn(2, 7, 8))
+    assert seen == [(2, 7, 10), (2, 7, 16)]  # V (v_dim 10), then the FFN's hidden (d_ff 16)
+    assert layer.hidden_dropout.p == layer.ffn.hidden_dropout.p == 0.0
+    assert layer.dropout.p == layer.ffn.dropout.p == 0.3
+    only_hidden = make("chunk", dropout=0.0, hidden_dropout=0.5).train()
+    x = torch.randn(2, 7, 8)
+    assert not torch.allclose(only_hidden(x), only_hidden.eval()(x))  # it does drop
+    assert make("chunk", dropout=0.2).hidden_dropout.p == 0.2  # None: the one dropout rate
+    with pytest.raises(ValueError, match="hidden_dropout must be a number in"):
+        make("chunk", hidden_dropout=1.5)
+
+
 def test_step_refuses_a_state_that_is_not_its_own():
     layer = make("chunk")
     x_t = torch.randn(2, 8)
@@ -300,6 +317,10 @@ def test_mega_fields_need_block_mega():
         SpadeConfig(mega_attention_fn="laplace")
     with pytest.raises(ValueError, match="mega_norm is only used with block='mega'"):
         SpadeConfig(mega_norm="scalenorm")
+    with pytest.raises(ValueError, match="mega_hidden_dropout is only used with block='mega'"):
+        SpadeConfig(mega_hidden_dropout=0.0)
+    with pytest.raises(ValueError, match="mega_hidden_dropout must be a number in"):
+        SpadeConfig.from_preset("mega-chunk", "tiny", mega_hidden_dropout=1.0)
     with pytest.raises(ValueError, match="position='simple'.*needs block='mega'"):
         SpadeConfig(position="simple")
 
@@ -322,11 +343,12 @@ def test_config_attention_fn_and_norm_reach_every_block():
     from spadeformer.models import SpadeForCausalLM
 
     cfg = SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="laplace",
-                                  mega_norm="scalenorm")
+                                  mega_norm="scalenorm", mega_hidden_dropout=0.0, dropout=0.1)
     model = SpadeForCausalLM(cfg)
     blocks = [m for m in model.modules() if isinstance(m, MegaLayer)]
     assert len(blocks) == cfg.n_layers
     assert {m.attention_fn for m in blocks} == {"laplace"}
+    assert {(m.hidden_dropout.p, m.dropout.p) for m in blocks} == {(0.0, 0.1)}
     norms = [n for m in blocks for n in (m.norm_mix, m.norm_ffn)]
     assert all(isinstance(n, ScaleNorm) for n in [*norms, model.backbone.final_norm])
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())

@@ -134,12 +134,15 @@ class SpadeConfig:
     # mega_attention_fn: "softmax", or the reference's element-wise "laplace" (its LRA image /
     # Pathfinder runs) / "relu2". mega_norm: "layernorm", "scalenorm" (its LRA text /
     # retrieval runs) or "rmsnorm", in every block and at the end of the stack.
+    # mega_hidden_dropout: on V and the FFN's hidden activations (None = dropout; Mega's LRA
+    # runs: 0).
     # n_heads, combine and add_weight do not apply to Mega blocks.
     block: str = "transformer"
     mega_z_dim: int | None = None
     mega_v_dim: int | None = None
     mega_attention_fn: str = "softmax"
     mega_norm: str = "layernorm"
+    mega_hidden_dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -236,7 +239,7 @@ class SpadeConfig:
         from spadeformer.layers import NORM_TYPES  # lazy: these import torch
         from spadeformer.ops.element_attn import ATTENTION_FNS
 
-        mega_fields = ("mega_z_dim", "mega_v_dim")
+        mega_fields = ("mega_z_dim", "mega_v_dim", "mega_hidden_dropout")
         _choice("mega_attention_fn", self.mega_attention_fn, ATTENTION_FNS)
         _choice("mega_norm", self.mega_norm, NORM_TYPES)
         if self.block != "mega":
@@ -254,8 +257,10 @@ class SpadeConfig:
             self.mega_z_dim = max(1, self.d_model // 2)
         if self.mega_v_dim is None:
             self.mega_v_dim = 2 * self.d_model
-        for name in mega_fields:
+        for name in ("mega_z_dim", "mega_v_dim"):
             _positive_int(name, getattr(self, name))
+        if self.mega_hidden_dropout is not None:
+            _probability("mega_hidden_dropout", self.mega_hidden_dropout)
         if self.attention == "none":
             raise ValueError("block='mega' needs attention in ['full', 'window', 'chunk'] "
                              "(Mega's gated attention), got attention='none'")

@@ -71,9 +71,11 @@ ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU}
 
 class FeedForward(nn.Module):
     """Linear(d -> d_ff), activation (GELU; Mega: SiLU), dropout, Linear(d_ff -> d), dropout.
-    (..., d) -> (..., d)."""
+    (..., d) -> (..., d). ``hidden_dropout`` sets the first dropout's rate apart (None = the
+    same ``dropout``; Mega's ``hidden_dropout``)."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "gelu"):
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, activation: str = "gelu",
+                 hidden_dropout: float | None = None):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -84,10 +86,11 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model)
         self.act = ACTIVATIONS[activation]()
         self.dropout = nn.Dropout(dropout)
+        self.hidden_dropout = nn.Dropout(dropout if hidden_dropout is None else hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d_model) -> (..., d_model)."""
-        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+        return self.dropout(self.fc2(self.hidden_dropout(self.act(self.fc1(x)))))
 
 
 class _Block(nn.Module):

@@ -28,10 +28,10 @@ with full attention, sequences longer than ``max_positions`` are refused (as the
 does). ``attention_fn`` "laplace" / "relu2" are the reference's element-wise attention
 functions (:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
 ``norm_type`` picks the reference's layer / scale / RMS norm for both norms of the block (its
-LRA text and retrieval runs use scalenorm). Not implemented: rotary bias, batch norm (its
-image runs; statistics over the batch do not fit padding or one-token decoding), and the
-reference's separate ``hidden_dropout`` (on V and inside the FFN): ``dropout`` is the one
-rate here. Weight decay: the reference decays every parameter; here kappa, mu and the
+LRA text and retrieval runs use scalenorm). ``hidden_dropout`` is the reference's rate on V and
+on the FFN's hidden activations (its LRA runs: 0; None = ``dropout``). Not implemented: rotary
+bias and batch norm (its image runs; statistics over the batch do not fit padding or
+one-token decoding). Weight decay: the reference decays every parameter; here kappa, mu and the
 biases are not decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr``
 without decay (pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for
 one lr).
@@ -98,7 +98,8 @@ class MegaLayer(nn.Module):
         causal: no token sees a later one; needed for :meth:`step`.
         z_dim: width of the shared representation Z (queries and keys).
         v_dim: width of the values and the reset gate.
-        dropout: on X', on H, and in the feed-forward (training only).
+        dropout: on X', on H, and on the feed-forward's output (training only).
+        hidden_dropout: on V and on the feed-forward's hidden activations (None = dropout).
         attention_dropout: on the attention probabilities.
         norm: "pre" or "post".
         norm_type: "layernorm", "scalenorm" or "rmsnorm" (both norms of the block).
@@ -116,7 +117,8 @@ class MegaLayer(nn.Module):
                  causal: bool = True, z_dim: int = 64, v_dim: int | None = None,
                  dropout: float = 0.0, attention_dropout: float = 0.0, norm: str = "pre",
                  relative_bias: bool = True, max_positions: int = 4096,
-                 attention_fn: str = "softmax", norm_type: str = "layernorm"):
+                 attention_fn: str = "softmax", norm_type: str = "layernorm",
+                 hidden_dropout: float | None = None):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("z_dim", z_dim),
                             ("max_positions", max_positions)):
@@ -134,7 +136,9 @@ class MegaLayer(nn.Module):
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         if norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {norm_type!r}")
-        for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+        hidden_dropout = dropout if hidden_dropout is None else hidden_dropout
+        for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout),
+                        ("hidden_dropout", hidden_dropout)):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
         if not isinstance(ema, GlobalExtractor) or ema.d_model != d_model:
@@ -173,7 +177,9 @@ class MegaLayer(nn.Module):
             if relative_bias else None
         )
         self.dropout = nn.Dropout(dropout)
-        self.ffn = FeedForward(d_model, d_ff, dropout, activation="silu")
+        self.hidden_dropout = nn.Dropout(hidden_dropout)
+        self.ffn = FeedForward(d_model, d_ff, dropout, activation="silu",
+                               hidden_dropout=hidden_dropout)
         for linear in (self.v_proj, self.mx_proj, self.h_proj, self.ffn.fc1, self.ffn.fc2):
             nn.init.normal_(linear.weight, std=_INIT_STD)
             nn.init.zeros_(linear.bias)
@@ -217,7 +223,7 @@ class MegaLayer(nn.Module):
         check_padding_mask(padding_mask, x.shape[0], x.shape[1])
         self._check_reach(x.shape[1])
         xn = self._inputs(x)
-        v = F.silu(self.v_proj(xn))
+        v = self.hidden_dropout(F.silu(self.v_proj(xn)))
         mx = self.dropout(F.silu(self.ema(xn, padding_mask=padding_mask)))
         u, q, k, r, hx = self._gates(mx)
         o = attn(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1).to(q.dtype), self.pattern,
@@ -264,7 +270,7 @@ class MegaLayer(nn.Module):
         ema_state, cache = state
         self._check_reach(cache.position + 1)
         xn = self._inputs(x_t)
-        v = F.silu(self.v_proj(xn))
+        v = self.hidden_dropout(F.silu(self.v_proj(xn)))
         mx_t, ema_state = self.ema.step(xn, ema_state)
         u, q, k, r, hx = self._gates(self.dropout(F.silu(mx_t)))
         position = cache.position

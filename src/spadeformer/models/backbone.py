@@ -109,6 +109,7 @@ class SpadeModel(PretrainedMixin, nn.Module):
             attention_dropout=c.attention_dropout, norm=c.norm,
             relative_bias=c.position == "simple", max_positions=c.max_position,
             attention_fn=c.mega_attention_fn, norm_type=c.mega_norm,
+            hidden_dropout=c.mega_hidden_dropout,
         )
 
     def _build_attention(self) -> Attention:
