@@ -54,9 +54,25 @@ def test_step_decoding_equals_forward(system, stepwise_logits):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("system", ["spade-s4-window", "transformer-chunk", "s4", "mega"])
-def test_bidirectional_classifier_and_padding(system):
-    cfg = tiny(system, causal=False, num_labels=3)
+# Mega's reference variants: element-wise attention with other norms (configs/README)
+MEGA_VARIANTS = [dict(mega_attention_fn="laplace", mega_norm="scalenorm"),
+                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0)]
+
+
+@pytest.mark.parametrize("variant", MEGA_VARIANTS)
+@pytest.mark.parametrize("system", ["mega", "mega-chunk"])
+def test_mega_variants_step_decoding_equals_forward(system, variant, stepwise_logits):
+    model = SpadeForCausalLM(tiny(system, **variant)).eval()
+    ids = torch.randint(0, 37, (2, 10))
+    torch.testing.assert_close(stepwise_logits(model, ids), model(ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("system, overrides", [
+    ("spade-s4-window", {}), ("transformer-chunk", {}), ("s4", {}), ("mega", {}),
+    ("mega-chunk", MEGA_VARIANTS[0])])
+def test_bidirectional_classifier_and_padding(system, overrides):
+    cfg = tiny(system, causal=False, num_labels=3, **overrides)
     model = SpadeForSequenceClassification(cfg).eval()
     ids = torch.randint(0, 37, (2, 12))
     mask = torch.zeros(2, 12, dtype=torch.bool)
