@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spadeformer.config import SpadeConfig
-from spadeformer.layers import GlobalLayer, LocalLayer, ScaleNorm, make_norm
+from spadeformer.layers import GlobalLayer, LocalLayer, MaskedBatchNorm, ScaleNorm, make_norm
 from spadeformer.models import SpadeForCausalLM
 
 
@@ -97,4 +97,32 @@ def test_scale_and_rms_norms_follow_their_formulas():
     torch.testing.assert_close(rmsnorm(x), x / rms * torch.arange(1.0, 9.0, dtype=torch.float64))
     assert isinstance(make_norm("layernorm", 8), torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="norm type must be one of"):
-        make_norm("batchnorm", 8)
+        make_norm("groupnorm", 8)
+
+
+def test_masked_batch_norm_is_batch_norm_over_the_real_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5, dtype=torch.float64) * 3 + 1
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    mask[2, :2] = True
+    ours = MaskedBatchNorm(5).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0)
+        ours.bias.normal_()
+    torch_bn = torch.nn.BatchNorm1d(5).double()
+    torch_bn.load_state_dict(ours.state_dict(), strict=False)
+    for _ in range(2):  # training: this batch's statistics over the real tokens only
+        got = ours(x, mask)
+        torch.testing.assert_close(got[~mask], torch_bn(x[~mask]))
+    torch.testing.assert_close(ours.running_mean, torch_bn.running_mean)
+    torch.testing.assert_close(ours.running_var, torch_bn.running_var)
+    other = x.clone()
+    other[mask] = 1e3  # what padded tokens hold does not matter
+    torch.testing.assert_close(ours(other, mask)[~mask], got[~mask])
+    torch_bn(other[~mask])  # keep the two running averages in step
+    torch.testing.assert_close(ours(x)[0], torch_bn(x.reshape(-1, 5)).reshape(3, 7, 5)[0])
+    ours.eval(), torch_bn.eval()  # eval: the running averages, token by token
+    torch.testing.assert_close(ours(x[:, 0]), torch_bn(x[:, 0]))
+    with pytest.raises(ValueError, match="at least 2 unpadded tokens"):
+        ours.train()(x[:1, :1])

@@ -171,6 +171,24 @@ def test_padding_changes_nothing_at_real_positions(pattern, attention_fn):
     torch.testing.assert_close(layer(x, pad)[0, :9], layer(x[:, :9])[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_batch_norm_block_isolates_padding_in_training_and_steps_in_eval(norm):
+    layer = make("chunk", causal=True, norm=norm, norm_type="batchnorm").double().train()
+    x = torch.randn(2, 12, 8, dtype=torch.float64)
+    pad = torch.zeros(2, 12, dtype=torch.bool)
+    pad[1, 9:] = True
+    other = x.clone()
+    other[1, 9:] = 100.0  # padded tokens must not reach the batch statistics
+    torch.testing.assert_close(layer(x, pad)[~pad], layer(other, pad)[~pad])
+    assert layer.norm_mix.running_mean.abs().sum() > 0  # training moved the running averages
+    layer.eval()
+    state, ys = layer.initial_state(2), []
+    for t in range(12):
+        y_t, state = layer.step(x[:, t], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), layer(x), rtol=1e-9, atol=1e-9)
+
+
 def test_chunks_only_meet_through_the_ema():
     layer = make("chunk", causal=True)
     with torch.no_grad():  # an EMA that passes nothing on: zero output weights and skip
@@ -211,7 +229,7 @@ def test_initialisation_follows_the_reference():
     (dict(ema=MultiHeadEMA(8, bidirectional=True)), ValueError, "ema.bidirectional must be False"),
     (dict(ema=MultiHeadEMA(6)), ValueError, "d_model=8"),
     (dict(attention_fn="gelu"), ValueError, "attention_fn must be one of"),
-    (dict(norm_type="batchnorm"), ValueError, "norm_type must be one of"),
+    (dict(norm_type="groupnorm"), ValueError, "norm_type must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     args = dict(ema=MultiHeadEMA(8), pattern="chunk", chunk_size=4, **{})

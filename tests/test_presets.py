@@ -346,8 +346,9 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
 
 @pytest.mark.parametrize("name, extra", [
     ("lra/listops.yaml", []),  # the README's MEGA-chunk line
-    ("lra/image.yaml", ["model.mega_attention_fn=laplace"]),  # configs/README: Mega's image run
-    ("lra/text.yaml", ["model.mega_norm=scalenorm"]),  # and its text run
+    # configs/README: Mega's image and text settings
+    ("lra/image.yaml", ["model.mega_attention_fn=laplace", "model.mega_norm=batchnorm"]),
+    ("lra/text.yaml", ["model.mega_norm=scalenorm", "model.norm=post"]),
 ])
 def test_mega_chunk_trains_on_an_lra_file(data, tmp_path, name, extra):
     """An LRA file with model.preset=mega-chunk, two steps."""

@@ -133,7 +133,8 @@ class SpadeConfig:
     # d_model // 2) and V (values; None = 2 * d_model), as Mega's LRA configs (d 128: z 64, v 256).
     # mega_attention_fn: "softmax", or the reference's element-wise "laplace" (its LRA image /
     # Pathfinder runs) / "relu2". mega_norm: "layernorm", "scalenorm" (its LRA text /
-    # retrieval runs) or "rmsnorm", in every block and at the end of the stack.
+    # retrieval runs), "rmsnorm" or "batchnorm" (its image runs), in every block and at the end
+    # of the stack.
     # mega_hidden_dropout: on V and the FFN's hidden activations (None = dropout; Mega's LRA
     # runs: 0).
     # n_heads, combine and add_weight do not apply to Mega blocks.

@@ -33,12 +33,12 @@ from spadeformer.attention import Attention
 from spadeformer.cross_attention import CrossAttention, MemoryKV
 from spadeformer.ssm.base import GlobalExtractor
 
-__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "ScaleNorm", "make_norm",
-           "state_to_device"]
+__all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "MaskedBatchNorm",
+           "ScaleNorm", "apply_norm", "make_norm", "state_to_device"]
 
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
-NORM_TYPES = ("layernorm", "scalenorm", "rmsnorm")  # what make_norm builds
+NORM_TYPES = ("layernorm", "scalenorm", "rmsnorm", "batchnorm")  # what make_norm builds
 
 
 class ScaleNorm(nn.Module):
@@ -54,15 +54,61 @@ class ScaleNorm(nn.Module):
         return self.scale * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
 
 
+class MaskedBatchNorm(nn.Module):
+    """Batch norm of (..., d) inputs per channel, statistics over every leading position
+    except padded ones: in training the batch's mean and (biased) variance over the real
+    tokens, running averages (momentum 0.1, unbiased variance) otherwise, as
+    ``nn.BatchNorm1d`` does for the unpadded tokens alone. One of Mega's norms (its LRA image
+    runs). Statistics are per process (no synchronisation across ranks).
+
+    forward(x (..., d), padding_mask (...) bool True = padded, or None) -> (..., d).
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.register_buffer("running_mean", torch.zeros(d_model))
+        self.register_buffer("running_var", torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training:
+            real = x.reshape(-1, x.shape[-1])
+            if padding_mask is not None:
+                real = real[~padding_mask.reshape(-1)]
+            if real.shape[0] < 2:
+                raise ValueError("batch norm in training needs at least 2 unpadded tokens in "
+                                 f"the batch, got {real.shape[0]}")
+            mean, var = real.mean(0), real.var(0, unbiased=False)
+            with torch.no_grad():
+                n = real.shape[0]
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                unbiased = (var.detach() * n / (n - 1)).to(self.running_var.dtype)
+                self.running_var.lerp_(unbiased, self.momentum)
+        else:
+            mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def apply_norm(norm: nn.Module, x: torch.Tensor,
+               padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """norm(x); a batch norm also gets the padding mask (the others never need it)."""
+    return norm(x, padding_mask) if isinstance(norm, MaskedBatchNorm) else norm(x)
+
+
 def make_norm(kind: str, d_model: int) -> nn.Module:
-    """A normalisation over the last axis of width d_model: "layernorm", "scalenorm" or
-    "rmsnorm" (per-dimension gain, no centring), all with eps 1e-5."""
+    """A normalisation over the last axis of width d_model: "layernorm", "scalenorm",
+    "rmsnorm" (per-dimension gain, no centring) or "batchnorm" (:class:`MaskedBatchNorm`;
+    call it through :func:`apply_norm`), all with eps 1e-5."""
     if kind == "layernorm":
         return nn.LayerNorm(d_model)
     if kind == "scalenorm":
         return ScaleNorm()
     if kind == "rmsnorm":
         return nn.RMSNorm(d_model, eps=1e-5)
+    if kind == "batchnorm":
+        return MaskedBatchNorm(d_model)
     raise ValueError(f"norm type must be one of {list(NORM_TYPES)}, got {kind!r}")
 
 

@@ -27,14 +27,16 @@ bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelati
 with full attention, sequences longer than ``max_positions`` are refused (as the reference
 does). ``attention_fn`` "laplace" / "relu2" are the reference's element-wise attention
 functions (:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
-``norm_type`` picks the reference's layer / scale / RMS norm for both norms of the block (its
-LRA text and retrieval runs use scalenorm). ``hidden_dropout`` is the reference's rate on V and
-on the FFN's hidden activations (its LRA runs: 0; None = ``dropout``). Not implemented: rotary
-bias and batch norm (its image runs; statistics over the batch do not fit padding or
-one-token decoding). Weight decay: the reference decays every parameter; here kappa, mu and the
-biases are not decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr``
-without decay (pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for
-one lr).
+``norm_type`` picks the reference's layer / scale / RMS / batch norm for both norms of the
+block (its LRA text and retrieval runs use scalenorm, its image runs batch norm; here the
+batch statistics leave padded tokens out, and ``step`` is meant for eval mode, on running
+averages). ``hidden_dropout`` is the reference's rate on V and on the FFN's hidden
+activations (its LRA runs: 0; None = ``dropout``). Not implemented: rotary bias, and
+SyncBatchNorm (its Path-X run).
+
+Weight decay: the reference decays every parameter; here kappa, mu and the biases are not
+decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay
+(pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
 
 Decoding (causal): ``initial_state`` / ``step`` keep the EMA state (d_model x n_dims) and the
 attention cache of the pattern (chunk: the current chunk only), so memory is constant.
@@ -55,7 +57,14 @@ from spadeformer.attention import (
     cache_slots,
     empty_cache,
 )
-from spadeformer.layers import NORM_TYPES, NORMS, FeedForward, make_norm, state_to_device
+from spadeformer.layers import (
+    NORM_TYPES,
+    NORMS,
+    FeedForward,
+    apply_norm,
+    make_norm,
+    state_to_device,
+)
 from spadeformer.ops.element_attn import check_attention_fn
 from spadeformer.ops.local_attn import PATTERNS, attention_ref, local_attention
 from spadeformer.ops.position_bias import SimpleRelativeBias
@@ -102,7 +111,7 @@ class MegaLayer(nn.Module):
         hidden_dropout: on V and on the feed-forward's hidden activations (None = dropout).
         attention_dropout: on the attention probabilities.
         norm: "pre" or "post".
-        norm_type: "layernorm", "scalenorm" or "rmsnorm" (both norms of the block).
+        norm_type: "layernorm", "scalenorm", "rmsnorm" or "batchnorm" (both norms).
         relative_bias: add the simple relative position bias b_rel.
         max_positions: with pattern="full" and the bias, the longest sequence (the bias has
             one scalar per offset up to max_positions - 1).
@@ -185,9 +194,11 @@ class MegaLayer(nn.Module):
             nn.init.zeros_(linear.bias)
 
     # ------------------------------------------------------------------------ pieces
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """What the EMA and V read: LN(x) pre-LN, x itself post-LN."""
-        return self.norm_mix(x) if self.norm_placement == "pre" else x
+        if self.norm_placement == "pre":
+            return apply_norm(self.norm_mix, x, padding_mask)
+        return x
 
     def _gates(self, mx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """X' (..., d) -> update gate U (..., d), Q, K (..., z), reset gate R (..., v),
@@ -199,14 +210,14 @@ class MegaLayer(nn.Module):
         return torch.sigmoid(u), qk[..., 0, :], qk[..., 1, :], r, hx
 
     def _finish(self, x: torch.Tensor, u: torch.Tensor, r: torch.Tensor, hx: torch.Tensor,
-                o: torch.Tensor) -> torch.Tensor:
+                o: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """H, the gated residual and the feed-forward: (..., d) from the attention output o."""
         h = self.dropout(F.silu(hx + self.h_proj(o * r)))
         y = torch.addcmul(x, u, h - x)  # U * H + (1 - U) * X
         if self.norm_placement == "pre":
-            return y + self.ffn(self.norm_ffn(y))
-        y = self.norm_mix(y)
-        return self.norm_ffn(y + self.ffn(y))
+            return y + self.ffn(apply_norm(self.norm_ffn, y, padding_mask))
+        y = apply_norm(self.norm_mix, y, padding_mask)
+        return apply_norm(self.norm_ffn, y + self.ffn(y), padding_mask)
 
     # ----------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +233,7 @@ class MegaLayer(nn.Module):
         check_sequence(x, self.d_model)
         check_padding_mask(padding_mask, x.shape[0], x.shape[1])
         self._check_reach(x.shape[1])
-        xn = self._inputs(x)
+        xn = self._inputs(x, padding_mask)
         v = self.hidden_dropout(F.silu(self.v_proj(xn)))
         mx = self.dropout(F.silu(self.ema(xn, padding_mask=padding_mask)))
         u, q, k, r, hx = self._gates(mx)
@@ -231,7 +242,7 @@ class MegaLayer(nn.Module):
                  key_padding_mask=padding_mask, bias=self.relative_bias,
                  dropout_p=self.attention_dropout if self.training else 0.0,
                  attention_fn=self.attention_fn)[:, 0]
-        return self._finish(x, u, r, hx, o.to(x.dtype))
+        return self._finish(x, u, r, hx, o.to(x.dtype), padding_mask)
 
     def _check_reach(self, length: int) -> None:
         """Full attention with the bias: refuse what the bias cannot tell apart (the other
@@ -269,7 +280,7 @@ class MegaLayer(nn.Module):
                             f"MegaLayer.initial_state(), got {type(state).__name__}")
         ema_state, cache = state
         self._check_reach(cache.position + 1)
-        xn = self._inputs(x_t)
+        xn = self._inputs(x_t, None)
         v = self.hidden_dropout(F.silu(self.v_proj(xn)))
         mx_t, ema_state = self.ema.step(xn, ema_state)
         u, q, k, r, hx = self._gates(self.dropout(F.silu(mx_t)))
@@ -280,7 +291,7 @@ class MegaLayer(nn.Module):
                           self.relative_bias,
                           self.attention_dropout if self.training else 0.0,
                           self.attention_fn)[:, 0]
-        return self._finish(x_t, u, r, hx, o.to(x_t.dtype)), (ema_state, cache)
+        return self._finish(x_t, u, r, hx, o.to(x_t.dtype), None), (ema_state, cache)
 
     def extra_repr(self) -> str:
         size = {"window": f", window_size={self.window_size}",

@@ -56,7 +56,8 @@ def test_step_decoding_equals_forward(system, stepwise_logits):
 
 # Mega's reference variants: element-wise attention with other norms (configs/README)
 MEGA_VARIANTS = [dict(mega_attention_fn="laplace", mega_norm="scalenorm"),
-                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0)]
+                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0),
+                 dict(mega_attention_fn="laplace", mega_norm="batchnorm")]
 
 
 @pytest.mark.parametrize("variant", MEGA_VARIANTS)
@@ -70,7 +71,7 @@ def test_mega_variants_step_decoding_equals_forward(system, variant, stepwise_lo
 
 @pytest.mark.parametrize("system, overrides", [
     ("spade-s4-window", {}), ("transformer-chunk", {}), ("s4", {}), ("mega", {}),
-    ("mega-chunk", MEGA_VARIANTS[0])])
+    ("mega-chunk", MEGA_VARIANTS[0]), ("mega-chunk", MEGA_VARIANTS[2])])
 def test_bidirectional_classifier_and_padding(system, overrides):
     cfg = tiny(system, causal=False, num_labels=3, **overrides)
     model = SpadeForSequenceClassification(cfg).eval()

@@ -20,7 +20,7 @@ from torch import nn
 
 from spadeformer.attention import Attention
 from spadeformer.config import SpadeConfig
-from spadeformer.layers import GlobalLayer, LocalLayer, make_norm
+from spadeformer.layers import GlobalLayer, LocalLayer, apply_norm, make_norm
 from spadeformer.mega import MegaLayer
 from spadeformer.models.adaptive import AdaptiveInput
 from spadeformer.models.io import PretrainedMixin
@@ -157,7 +157,7 @@ class SpadeModel(PretrainedMixin, nn.Module):
         x = self._embed(input_ids)
         for layer in self.layers:
             x = layer(x, padding_mask=padding_mask)
-        return self.final_norm(x)
+        return apply_norm(self.final_norm, x, padding_mask)
 
     # ------------------------------------------------------------ streaming
     def initial_state(self, batch_size: int) -> dict[str, Any]:
