@@ -230,3 +230,12 @@ def test_eos_token_stops_each_row_and_then_the_loop():
         generate(model, prompt, 2, eos_token_id=-1)
     with pytest.raises(ValueError, match="not an id of this model's vocabulary"):
         generate(model, prompt, 2, eos_token_id=10_000)
+
+
+def test_full_attention_mega_decodes_up_to_its_bias_reach_only():
+    model = tiny_lm("mega", max_position=8)
+    assert model.max_steps == 8
+    assert model.generate(torch.tensor([[1, 2, 3]]), 6, temperature=0).shape == (1, 9)
+    with pytest.raises(ValueError, match="needs 9 decoding steps.*at most 8"):
+        model.generate(torch.tensor([[1, 2, 3]]), 7, temperature=0)
+    assert tiny_lm("mega-chunk", max_position=8).max_steps is None  # chunks never reach it

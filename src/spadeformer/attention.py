@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from spadeformer.ops.element_attn import element_weights
+from spadeformer.ops.element_attn import element_attend
 from spadeformer.ops.local_attn import PATTERNS, _call_bias, attention_ref, local_attention
 from spadeformer.ops.position_bias import ShawRelativeBias, T5RelativeBias
 from spadeformer.ssm.base import (
@@ -165,10 +165,8 @@ def attend_cached(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_pos
         if b.dim() == 3:
             b = b.unsqueeze(0)
     if attention_fn != "softmax":
-        weights = element_weights(q @ key.transpose(-1, -2), mask, b, attention_fn)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        return (weights @ value)[:, :, 0]
+        return element_attend(q @ key.transpose(-1, -2), value, mask, b, attention_fn,
+                              dropout_p)[:, :, 0]
     if b is not None:
         if mask is not None:
             b = b.masked_fill(~mask, float("-inf"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,8 @@ class SpadeConfig:
     # of the stack.
     # mega_hidden_dropout: on V and the FFN's hidden activations (None = dropout; Mega's LRA
     # runs: 0).
-    # n_heads, combine and add_weight do not apply to Mega blocks.
+    # n_heads (but an encoder-decoder's decoder uses it), combine and add_weight do not apply
+    # to Mega blocks; batchnorm needs causal=False (batch statistics mix the positions).
     block: str = "transformer"
     mega_z_dim: int | None = None
     mega_v_dim: int | None = None
@@ -272,9 +274,14 @@ class SpadeConfig:
             raise ValueError("block='mega' takes position in ['none', 'simple', 'sinusoidal', "
                              f"'learned'], got {self.position!r}")
         if self.combine != "concat" or self.add_weight != 0.5:
-            raise ValueError("combine and add_weight mix a global layer's SSM and attention; "
-                             "a Mega block has neither option: leave them at their defaults, "
-                             f"got combine={self.combine!r}, add_weight={self.add_weight!r}")
+            # a warning, not an error: configs saved before this check must still load
+            warnings.warn("combine and add_weight mix a global layer's SSM and attention; a "
+                          f"Mega block has neither, so combine={self.combine!r} and "
+                          f"add_weight={self.add_weight!r} are ignored", stacklevel=3)
+        if self.mega_norm == "batchnorm" and self.causal:
+            raise ValueError("mega_norm='batchnorm' needs causal=False: its batch statistics "
+                             "mix the positions, so a causal model would see later tokens in "
+                             "training (Mega uses it for image classification)")
 
     @property
     def position_limit(self) -> int | None:

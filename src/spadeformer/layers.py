@@ -74,18 +74,21 @@ class MaskedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
-            real = x.reshape(-1, x.shape[-1])
-            if padding_mask is not None:
-                real = real[~padding_mask.reshape(-1)]
-            if real.shape[0] < 2:
-                raise ValueError("batch norm in training needs at least 2 unpadded tokens in "
-                                 f"the batch, got {real.shape[0]}")
-            mean, var = real.mean(0), real.var(0, unbiased=False)
+            flat = x.reshape(-1, x.shape[-1])
+            if flat.shape[0] < 2:
+                raise ValueError("batch norm (mega_norm='batchnorm') in training needs at "
+                                 f"least 2 tokens in the batch, got {flat.shape[0]}: call "
+                                 ".eval() to normalise with the running averages")
+            # masked sums rather than a boolean gather: no host sync on the GPU
+            real = (torch.ones_like(flat[:, :1]) if padding_mask is None
+                    else (~padding_mask).reshape(-1, 1).to(flat.dtype))
+            n = real.sum()
+            mean = (flat * real).sum(0) / n.clamp(min=1)
+            var = ((flat - mean).square() * real).sum(0) / n.clamp(min=1)
             with torch.no_grad():
-                n = real.shape[0]
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                unbiased = (var.detach() * n / (n - 1)).to(self.running_var.dtype)
-                self.running_var.lerp_(unbiased, self.momentum)
+                unbiased = var.detach() * n / (n - 1).clamp(min=1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         else:
             mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias

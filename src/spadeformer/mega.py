@@ -29,8 +29,8 @@ does). ``attention_fn`` "laplace" / "relu2" are the reference's element-wise att
 functions (:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
 ``norm_type`` picks the reference's layer / scale / RMS / batch norm for both norms of the
 block (its LRA text and retrieval runs use scalenorm, its image runs batch norm; here the
-batch statistics leave padded tokens out, and ``step`` is meant for eval mode, on running
-averages). ``hidden_dropout`` is the reference's rate on V and on the FFN's hidden
+batch statistics leave padded tokens out, and batch norm needs ``causal=False``, since the
+statistics mix positions). ``hidden_dropout`` is the reference's rate on V and on the FFN's hidden
 activations (its LRA runs: 0; None = ``dropout``). Not implemented: rotary bias, and
 SyncBatchNorm (its Path-X run).
 
@@ -145,6 +145,9 @@ class MegaLayer(nn.Module):
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         if norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {norm_type!r}")
+        if norm_type == "batchnorm" and causal:
+            raise ValueError("norm_type='batchnorm' needs causal=False: its batch statistics "
+                             "mix the positions, so a causal block would see later tokens")
         hidden_dropout = dropout if hidden_dropout is None else hidden_dropout
         for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout),
                         ("hidden_dropout", hidden_dropout)):
@@ -251,7 +254,8 @@ class MegaLayer(nn.Module):
                 and length > self.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions="
                              f"{self.max_positions} of the relative bias of a full-attention "
-                             "Mega block: raise max_positions (model.max_position)")
+                             "Mega block: build the model with a larger max_positions "
+                             "(model.max_position), or use chunk / window attention")
 
     # ---------------------------------------------------------------------- decoding
     def _require_causal(self) -> None:

@@ -56,8 +56,7 @@ def test_step_decoding_equals_forward(system, stepwise_logits):
 
 # Mega's reference variants: element-wise attention with other norms (configs/README)
 MEGA_VARIANTS = [dict(mega_attention_fn="laplace", mega_norm="scalenorm"),
-                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0),
-                 dict(mega_attention_fn="laplace", mega_norm="batchnorm")]
+                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0)]
 
 
 @pytest.mark.parametrize("variant", MEGA_VARIANTS)
@@ -71,13 +70,17 @@ def test_mega_variants_step_decoding_equals_forward(system, variant, stepwise_lo
 
 @pytest.mark.parametrize("system, overrides", [
     ("spade-s4-window", {}), ("transformer-chunk", {}), ("s4", {}), ("mega", {}),
-    ("mega-chunk", MEGA_VARIANTS[0]), ("mega-chunk", MEGA_VARIANTS[2])])
+    ("mega-chunk", MEGA_VARIANTS[0]),
+    ("mega-chunk", dict(mega_attention_fn="laplace", mega_norm="batchnorm"))])
 def test_bidirectional_classifier_and_padding(system, overrides):
     cfg = tiny(system, causal=False, num_labels=3, **overrides)
-    model = SpadeForSequenceClassification(cfg).eval()
+    model = SpadeForSequenceClassification(cfg)
     ids = torch.randint(0, 37, (2, 12))
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[0, 9:] = True
+    with torch.no_grad():  # one training pass: batch norm's running averages move off 0 / 1
+        model(ids * 3 % 37, padding_mask=mask)
+    model.eval()
     out = model(ids, labels=torch.tensor([0, 2]), padding_mask=mask)
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
     ids2 = ids.clone()

@@ -112,13 +112,13 @@ def test_window_path_never_builds_the_full_matrix(monkeypatch):
     import spadeformer.ops.local_attn as local_attn
 
     shapes = []
-    real = local_attn.element_weights
+    real = local_attn.element_attend
 
     def spy(qk, *args):
         shapes.append(tuple(qk.shape))
         return real(qk, *args)
 
-    monkeypatch.setattr(local_attn, "element_weights", spy)
+    monkeypatch.setattr(local_attn, "element_attend", spy)
     q, k, v = qkv(8 * W, dtype=torch.float32)
     local_attention(q, k, v, "window", window_size=W, attention_fn="relu2")
     local_attention(q, k, v, "chunk", chunk_size=W, attention_fn="relu2")
@@ -135,3 +135,17 @@ def test_errors_name_the_argument():
         local_attention(q, k, v, "full", attention_fn="laplace", backend="flex")
     with pytest.raises(ValueError, match="backend must be one of"):
         local_attention(q, k, v, "full", attention_fn="laplace", backend="triton")
+
+
+@pytest.mark.parametrize("fn", FNS)
+def test_bf16_autocast_keeps_the_weights_in_fp32(fn):
+    """Under bf16 autocast the matmuls run in bf16 but f runs in fp32 (as a softmax does): in
+    bf16, 1 + erf(z) would round every laplace weight below ~1e-3 to 0 (4% output error)."""
+    q, k, v = qkv(256, dtype=torch.float32)
+    ref = attention_ref(q.double(), k.double(), v.double(), "full", causal=False,
+                        attention_fn=fn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = local_attention(q, k, v, "full", causal=False, attention_fn=fn)
+    assert out.dtype == torch.bfloat16
+    error = (out.double() - ref).norm() / ref.norm()
+    assert error < 0.01, error

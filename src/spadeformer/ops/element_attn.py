@@ -27,16 +27,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_FNS", "ELEMENT_FNS", "check_attention_fn", "element_weights", "laplace",
-           "relu2"]
+__all__ = ["ATTENTION_FNS", "ELEMENT_FNS", "check_attention_fn", "element_attend",
+           "element_weights", "laplace", "relu2"]
 
 _LAPLACE_MU = math.sqrt(0.5)
 _LAPLACE_SIGMA = math.sqrt(1.0 / (4.0 * math.pi))
 
 
 def laplace(x: torch.Tensor) -> torch.Tensor:
-    """The Gaussian CDF at (x - mu) / sigma: near relu^2 around mu, bounded in (0, 1)."""
-    return 0.5 * (1.0 + torch.erf((x - _LAPLACE_MU) / (_LAPLACE_SIGMA * math.sqrt(2.0))))
+    """The Gaussian CDF at (x - mu) / sigma: near relu^2 around mu, bounded in (0, 1).
+    Written with erfc: 1 + erf(z) cancels for the negative z that most scores give."""
+    return 0.5 * torch.erfc((_LAPLACE_MU - x) / (_LAPLACE_SIGMA * math.sqrt(2.0)))
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
@@ -61,15 +62,30 @@ def element_weights(qk: torch.Tensor, allowed: torch.Tensor | None, bias: torch.
 
     ``allowed``: bool, broadcastable to ``qk``, True where the query may see the key (None =
     every key). ``bias``: additive, broadcastable (None = no bias). A row with no allowed key
-    gets zero weights.
+    gets zero weights. Computed in at least fp32 (under bf16 autocast too, as a softmax is),
+    returned in ``qk``'s dtype.
     """
+    work = torch.promote_types(qk.dtype, torch.float32)
+    x = qk.to(work)
     if allowed is None:
-        count = qk.shape[-1]
+        x = x / qk.shape[-1]
     else:
         allowed = allowed.expand_as(qk)
-        count = allowed.sum(-1, keepdim=True).clamp(min=1).to(qk.dtype)
-    x = qk / count
+        x = x / allowed.sum(-1, keepdim=True).clamp(min=1).to(work)
     if bias is not None:
-        x = x + bias.to(qk.dtype)
+        x = x + bias.to(work)
     weights = ELEMENT_FNS[attention_fn](x)
-    return weights if allowed is None else weights * allowed
+    if allowed is not None:
+        weights = weights * allowed
+    return weights.to(qk.dtype)
+
+
+def element_attend(qk: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                   bias: torch.Tensor | None, attention_fn: str,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """:func:`element_weights`, dropout on the weights, then the weighted sum of the values:
+    qk (..., Lq, Lk), v (..., Lk, dv) -> (..., Lq, dv)."""
+    weights = element_weights(qk, allowed, bias, attention_fn)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v.to(weights.dtype)

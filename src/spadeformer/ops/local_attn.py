@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from spadeformer.ops import cpu_window_attn
-from spadeformer.ops.element_attn import check_attention_fn, element_weights
+from spadeformer.ops.element_attn import check_attention_fn, element_attend
 from spadeformer.ops.flex_attn import flex_local_attention, note_failure, pick_backend
 
 __all__ = [
@@ -249,10 +249,8 @@ def attention_ref(
     if attention_fn != "softmax":
         pos = torch.arange(L, device=q.device)
         b = None if fn is None else _call_bias(fn, pos, pos, q)
-        probs = element_weights(torch.einsum("bhid,bhjd->bhij", q, k), allowed, b, attention_fn)
-        if dropout_p > 0.0:
-            probs = F.dropout(probs, p=dropout_p)
-        return torch.einsum("bhij,bhjd->bhid", probs, v)
+        qk = torch.einsum("bhid,bhjd->bhij", q, k)
+        return element_attend(qk, v, allowed, b, attention_fn, dropout_p)
     scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
     if fn is not None:
         pos = torch.arange(L, device=q.device)
@@ -359,10 +357,9 @@ def _blocked_attention(
         if fn is not None:
             q5 = rearrange(qb, "(b n) h i d -> b h n i d", b=B)
             b = _block_bias(fn, qb_5d=q5, block=block, nb=nb, left=left, kb=kb)
-        weights = element_weights(qb @ kbk.transpose(-1, -2), allowed, b, attention_fn)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        return rearrange(weights @ vbk, "(b n) h i d -> b h (n i) d", b=B)[:, :, :L]
+        out = element_attend(qb @ kbk.transpose(-1, -2), vbk, allowed, b, attention_fn,
+                             dropout_p)
+        return rearrange(out, "(b n) h i d -> b h (n i) d", b=B)[:, :, :L]
 
     # Rows with no allowed key (padding, or query rows past L): SDPA may give NaN there, and
     # NaN scores poison every gradient in the backward pass, so such rows see every key of
@@ -426,8 +423,8 @@ def sliding_window_attention(
 
     Queries go in blocks of ``block_size`` (default: window_size); each block attends to its
     own keys plus the ``window_size`` keys before it (and after it when not causal), so every
-    SDPA call sees at most block + 2 * window keys per query. On CPU the common causal case
-    (block = window, no mask, bias or dropout) takes :mod:`spadeformer.ops.cpu_window_attn`,
+    SDPA call sees at most block + 2 * window keys per query. On CPU the common causal softmax
+    case (block = window, no mask, bias or dropout) takes :mod:`spadeformer.ops.cpu_window_attn`,
     which reads the key band as a view instead of copying it. ``attention_fn``: as in
     :func:`attention_ref`.
     """
