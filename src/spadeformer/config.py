@@ -242,12 +242,11 @@ class SpadeConfig:
         from spadeformer.layers import NORM_TYPES  # lazy: these import torch
         from spadeformer.ops.element_attn import ATTENTION_FNS
 
-        mega_fields = ("mega_z_dim", "mega_v_dim", "mega_hidden_dropout")
         _choice("mega_attention_fn", self.mega_attention_fn, ATTENTION_FNS)
         _choice("mega_norm", self.mega_norm, NORM_TYPES)
         if self.block != "mega":
-            defaults = {name: None for name in mega_fields}
-            defaults.update(mega_attention_fn="softmax", mega_norm="layernorm")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)
+                        if f.name.startswith("mega_")}
             for name, default in defaults.items():
                 if getattr(self, name) != default:
                     raise ValueError(f"{name} is only used with block='mega'; got {name}="

@@ -70,6 +70,7 @@ from spadeformer.ops.local_attn import PATTERNS, attention_ref, local_attention
 from spadeformer.ops.position_bias import SimpleRelativeBias
 from spadeformer.ssm.base import (
     GlobalExtractor,
+    check_dropout,
     check_padding_mask,
     check_positive,
     check_sequence,
@@ -151,8 +152,7 @@ class MegaLayer(nn.Module):
         hidden_dropout = dropout if hidden_dropout is None else hidden_dropout
         for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout),
                         ("hidden_dropout", hidden_dropout)):
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+            check_dropout(p, name)
         if not isinstance(ema, GlobalExtractor) or ema.d_model != d_model:
             raise ValueError(f"ema must be a global extractor of d_model={d_model}, got "
                              f"{type(ema).__name__}(d_model={getattr(ema, 'd_model', None)})")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CachedKernels",
     "FrozenCache",
     "GlobalExtractor",
     "check_dropout",
@@ -82,12 +83,13 @@ def check_lr(lr: Any) -> None:
         check_positive("lr", lr, allow_float=True)
 
 
-def check_dropout(dropout: Any) -> None:
-    """A number in [0, 1) (bools are refused: True is not a probability)."""
+def check_dropout(dropout: Any, name: str = "dropout") -> None:
+    """A number in [0, 1) (bools are refused: True is not a probability); ``name`` is the
+    argument the message names."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (
         0.0 <= dropout < 1.0
     ):
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        raise ValueError(f"{name} must be a number in [0, 1), got {dropout!r}")
 
 
 def check_step_input(x_t: Any, d_model: int) -> None:
@@ -278,6 +280,36 @@ class FrozenCache:
 
     def __deepcopy__(self, memo: dict) -> FrozenCache:
         return FrozenCache(self.max_entries)
+
+
+class CachedKernels:
+    """Mixin: ``kernels`` / ``kernel`` for an extractor whose convolution kernels depend on its
+    parameters alone (S4D, the EMA). The class defines ``_compute_kernels(length) -> (k,
+    k_rev or None)``, ``_kernel_params()`` (what the kernels read) and ``self._cache``, a
+    :class:`FrozenCache`."""
+
+    def kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward kernel and reverse kernel (None when causal), each (channels, d_model,
+        length) (the EMA: one channel).
+
+        Cached per length while the kernel's parameters are frozen (least recently used
+        lengths dropped beyond the cache's size; :class:`FrozenCache` says when an entry is
+        stale); recomputed from the live parameters otherwise. The tensors are the caller's
+        own: editing them leaves the cache (and later forwards) alone.
+        """
+        k, k_rev = self._kernels(length)
+        return k.clone(), None if k_rev is None else k_rev.clone()
+
+    def _kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`kernels` without the copies: the cached tensors themselves (forward only
+        reads them)."""
+        check_positive("length", length)
+        return self._cache.get_when_frozen((length,), self._kernel_params(),
+                                           lambda: self._compute_kernels(length))
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """The causal (forward) convolution kernel, (channels, d_model, length)."""
+        return self.kernels(length)[0]
 
 
 class GlobalExtractor(nn.Module):

@@ -43,6 +43,7 @@ from torch import nn
 from spadeformer.ops.fftconv import fft_conv
 from spadeformer.ops.vandermonde import decay_kernel
 from spadeformer.ssm.base import (
+    CachedKernels,
     FrozenCache,
     GlobalExtractor,
     check_lr,
@@ -56,7 +57,7 @@ __all__ = ["MultiHeadEMA"]
 _MAX_CACHED_LENGTHS = 16
 
 
-class MultiHeadEMA(GlobalExtractor):
+class MultiHeadEMA(CachedKernels, GlobalExtractor):
     """Mega's damped EMA. See the module docstring.
 
     Args:
@@ -108,22 +109,6 @@ class MultiHeadEMA(GlobalExtractor):
 
     def _kernel_params(self) -> list[nn.Parameter]:
         return [self.alpha_logit, self.delta_logit, self.beta, self.eta]
-
-    def _kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        check_positive("length", length)
-        params = self._kernel_params()
-        return self._cache.get_when_frozen((length,), params,
-                                           lambda: self._compute_kernels(length))
-
-    def kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward kernel and reverse kernel (None when causal), each (1, d_model, length);
-        the caller's own copies."""
-        k, k_rev = self._kernels(length)
-        return k.clone(), None if k_rev is None else k_rev.clone()
-
-    def kernel(self, length: int) -> torch.Tensor:
-        """The causal (forward) kernel, (1, d_model, length)."""
-        return self.kernels(length)[0]
 
     # -------------------------------------------------------------------------- forward
     def _forward(self, u: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -53,6 +53,7 @@ from torch import nn
 from spadeformer.ops.fftconv import fft_conv
 from spadeformer.ops.vandermonde import vandermonde_kernel
 from spadeformer.ssm.base import (
+    CachedKernels,
     FrozenCache,
     GlobalExtractor,
     check_dropout,
@@ -89,7 +90,7 @@ def log_uniform_dt(n: int, dt_min: float, dt_max: float) -> torch.Tensor:
     return torch.rand(n, dtype=torch.float64) * (hi - lo) + lo
 
 
-class S4D(GlobalExtractor):
+class S4D(CachedKernels, GlobalExtractor):
     """Diagonal SSM (S4D) with the S4 output block. See the module docstring.
 
     Args:
@@ -225,29 +226,6 @@ class S4D(GlobalExtractor):
         names = ["log_A_real", "A_imag", "B", "C", "log_dt"]
         names += ["C_reverse"] if self.bidirectional else []
         return [getattr(self, n) for n in names]
-
-    def kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward kernel and reverse kernel (None when causal), each (channels, H, length).
-
-        Cached per length while the kernel's parameters are frozen (least recently used
-        lengths dropped beyond 16; :class:`~spadeformer.ssm.base.FrozenCache` says when an
-        entry is stale); recomputed from the live parameters otherwise. The tensors are the
-        caller's own: editing them leaves the cache (and later forwards) alone.
-        """
-        k, k_rev = self._kernels(length)
-        return k.clone(), None if k_rev is None else k_rev.clone()
-
-    def _kernels(self, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`kernels` without the copies: the cached tensors themselves (forward only
-        reads them)."""
-        check_positive("length", length)
-        params = self._kernel_params()
-        return self._cache.get_when_frozen((length,), params,
-                                           lambda: self._compute_kernels(length))
-
-    def kernel(self, length: int) -> torch.Tensor:
-        """The causal (forward) convolution kernel, (channels, d_model, length)."""
-        return self.kernels(length)[0]
 
     # --------------------------------------------------------------------- forward
     def _output(self, y: torch.Tensor) -> torch.Tensor:
