@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from spadeformer import SpadeConfig
 from spadeformer.mega import MegaLayer
+from spadeformer.ops.position_bias import RotaryRelativeBias, SimpleRelativeBias
 from spadeformer.ssm.ema import MultiHeadEMA
 
 PATTERNS = [("chunk", dict(chunk_size=5)), ("window", dict(window_size=3)), ("full", {})]
@@ -40,6 +41,20 @@ def allowed(pattern, L, causal, window=3, chunk=5):
     return ok & (j <= i) if causal else ok
 
 
+def relative_bias_by_hand(layer: MegaLayer, offsets: torch.Tensor) -> torch.Tensor:
+    """b_rel at each offset k - q: the simple bias's clipped table entry, or the rotary bias
+    alpha^T R_r beta with pair j = (j, j + z/2) turned by r * 10000^(-j / (z/2))."""
+    bias = layer.relative_bias
+    if isinstance(bias, SimpleRelativeBias):
+        reach = bias.max_positions - 1
+        return bias.table[offsets.clamp(-reach, reach) + reach]
+    half = layer.z_dim // 2
+    phi = offsets.unsqueeze(-1).double() * 10000.0 ** (-torch.arange(half).double() / half)
+    a1, a2 = bias.alpha.split(half)
+    b1, b2 = bias.beta.split(half)
+    return (phi.cos() * (a1 * b1 + a2 * b2) + phi.sin() * (a2 * b1 - a1 * b2)).sum(-1)
+
+
 def mega_by_the_equations(layer: MegaLayer, x: torch.Tensor) -> torch.Tensor:
     """The module docstring's equations with the weights split by hand; pre-LN feeds LN(X)
     to the EMA and V, post-LN feeds X and normalises after each residual sum."""
@@ -55,9 +70,7 @@ def mega_by_the_equations(layer: MegaLayer, x: torch.Tensor) -> torch.Tensor:
     K = layer.qk_scale[1] * Z + layer.qk_offset[1]
     V = F.silu(layer.v_proj(xn))
     L = x.shape[1]
-    offsets = torch.arange(L)[None, :] - torch.arange(L)[:, None]
-    reach = layer.relative_bias.max_positions - 1
-    b_rel = layer.relative_bias.table[offsets.clamp(-reach, reach) + reach]
+    b_rel = relative_bias_by_hand(layer, torch.arange(L)[None, :] - torch.arange(L)[:, None])
     ok = allowed(layer.pattern, L, layer.causal)
     if layer.attention_fn == "softmax":
         scores = Q @ K.transpose(1, 2) / math.sqrt(z) + b_rel
@@ -212,6 +225,7 @@ def test_initialisation_follows_the_reference():
     (dict(ema=MultiHeadEMA(6)), ValueError, "d_model=8"),
     (dict(attention_fn="gelu"), ValueError, "attention_fn must be one of"),
     (dict(norm_type="groupnorm"), ValueError, "norm_type must be one of"),
+    (dict(relative_bias="rotary", z_dim=5), ValueError, "z_dim must be even, got 5"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     args = dict(ema=MultiHeadEMA(8), pattern="chunk", chunk_size=4, **{})
@@ -259,7 +273,7 @@ def test_step_refuses_a_state_that_is_not_its_own():
     for bad in (None, cache, (ema_state, None)):
         with pytest.raises(TypeError, match=r"\(EMA state, AttentionCache\) pair"):
             layer.step(x_t, bad)
-    with pytest.raises(TypeError, match="relative_bias must be a bool"):
+    with pytest.raises(ValueError, match=r"relative_bias must be one of \['simple', 'rotary'\]"):
         MegaLayer(8, 16, ema=MultiHeadEMA(8), chunk_size=4, relative_bias="no")
 
 
@@ -276,6 +290,32 @@ def test_full_attention_refuses_lengths_its_bias_cannot_tell_apart():
     make("chunk", max_positions=6)(torch.randn(1, 20, 8))  # chunks never reach that far
     no_bias = make("full", max_positions=6, relative_bias=False)
     no_bias(torch.randn(1, 20, 8))
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+def test_rotary_bias_block_follows_the_equations_and_decodes(pattern):
+    layer = make(pattern, relative_bias="rotary").double()
+    assert isinstance(layer.relative_bias, RotaryRelativeBias)
+    assert layer.relative_bias.dim == layer.z_dim
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    y = layer(x)
+    torch.testing.assert_close(y, mega_by_the_equations(layer, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, layer.forward_ref(x), rtol=1e-10, atol=1e-10)
+    state = layer.initial_state(2)
+    ys = []
+    for t in range(13):
+        y_t, state = layer.step(x[:, t], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-9, atol=1e-9)
+    simple = make(pattern).double()
+    assert not torch.allclose(simple(x), y, atol=1e-2)  # a different bias, a different block
+
+
+def test_rotary_bias_has_no_length_limit():
+    layer = make("full", max_positions=6, relative_bias="rotary")
+    layer(torch.randn(1, 20, 8))  # the simple bias would refuse this (test above)
+    assert make("full", relative_bias=True).relative_bias.__class__ is SimpleRelativeBias
+    assert make("full", relative_bias=None).relative_bias is None
 
 
 def test_step_needs_a_causal_layer():
@@ -323,6 +363,21 @@ def test_mega_fields_need_block_mega():
         SpadeConfig.from_preset("mega-chunk", "tiny", mega_hidden_dropout=1.0)
     with pytest.raises(ValueError, match="position='simple'.*needs block='mega'"):
         SpadeConfig(position="simple")
+    with pytest.raises(ValueError, match="position='rotary'.*needs block='mega'"):
+        SpadeConfig(position="rotary")
+
+
+def test_config_rotary_bias_reaches_every_block():
+    from spadeformer.models import SpadeForCausalLM
+
+    cfg = SpadeConfig.from_preset("mega", "tiny", position="rotary", max_position=16)
+    assert cfg.position_limit is None  # rotary tells every offset apart
+    blocks = [m for m in SpadeForCausalLM(cfg).modules() if isinstance(m, MegaLayer)]
+    assert len(blocks) == cfg.n_layers
+    assert all(isinstance(m.relative_bias, RotaryRelativeBias) for m in blocks)
+    assert SpadeConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="mega_z_dim must be even, got 7"):
+        SpadeConfig.from_preset("mega", "tiny", position="rotary", mega_z_dim=7)
 
 
 def test_config_options_that_mega_blocks_do_not_have():

@@ -349,16 +349,19 @@ def test_preset_builds_at_full_size_and_trains_two_steps(name, data, tmp_path):
     # configs/README: Mega's image and text settings
     ("lra/image.yaml", ["model.mega_attention_fn=laplace", "model.mega_norm=batchnorm"]),
     ("lra/text.yaml", ["model.mega_norm=scalenorm", "model.norm=post"]),
+    # and its WikiText-103 model's rotary bias (on a file with adaptive input and softmax)
+    ("lm/wikitext103-spade-s4-window.yaml", ["model.position=rotary"]),
 ])
-def test_mega_chunk_trains_on_an_lra_file(data, tmp_path, name, extra):
-    """An LRA file with model.preset=mega-chunk, two steps."""
+def test_mega_chunk_trains_on_a_preset_file(data, tmp_path, name, extra):
+    """An LRA / LM file with model.preset=mega-chunk, two steps."""
     overrides = [o for o in small_overrides(load_run_config(ROOT / "configs" / name), data)
                  if "ssm_options.d_state" not in o]  # S4's option: the EMA has n_dims
     metrics = train(str(ROOT / "configs" / name),
                     [*overrides, "model.preset=mega-chunk", *extra], out=str(tmp_path / "run"))
     assert metrics["step"] == 2 and math.isfinite(metrics["val_loss"])
     resolved = yaml.safe_load((tmp_path / "run" / "run_config.yaml").read_text())["model"]
-    assert (resolved["block"], resolved["ssm"], resolved["causal"]) == ("mega", "ema", False)
+    causal = name.startswith("lm/")  # LRA classifies whole sequences
+    assert (resolved["block"], resolved["ssm"], resolved["causal"]) == ("mega", "ema", causal)
     for option in extra:  # the override reached the saved model config
         key, value = option.removeprefix("model.").split("=")
         assert resolved[key] == value

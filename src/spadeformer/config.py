@@ -20,7 +20,8 @@ __all__ = ["SpadeConfig", "SYSTEMS", "SIZES", "SSM_KINDS", "ATTENTION_PATTERNS",
 
 SSM_KINDS = ("s4", "s4d", "s5", "hyena", "lstm", "ema")
 ATTENTION_PATTERNS = ("full", "window", "chunk", "none")
-POSITIONS = ("none", "sinusoidal", "learned", "t5", "shaw", "simple")
+POSITIONS = ("none", "sinusoidal", "learned", "t5", "shaw", "simple", "rotary")
+MEGA_POSITIONS = ("simple", "rotary")  # Mega's relative biases, inside its attention
 BLOCKS = ("transformer", "mega")
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
@@ -108,7 +109,8 @@ class SpadeConfig:
     attention: str = "window"
     window_size: int | None = 128
     chunk_size: int | None = None
-    position: str = "none"  # SPADE needs none: the SSM carries position (paper Sec. 3)
+    # SPADE needs none: the SSM carries position (paper Sec. 3); "simple" / "rotary": Mega's
+    position: str = "none"
     max_position: int = 4096  # position="learned"; "simple" with full attention: offsets told apart
     norm: str = "pre"
     causal: bool = True
@@ -251,9 +253,9 @@ class SpadeConfig:
                 if getattr(self, name) != default:
                     raise ValueError(f"{name} is only used with block='mega'; got {name}="
                                      f"{getattr(self, name)!r} with block={self.block!r}")
-            if self.position == "simple":
-                raise ValueError("position='simple' (Mega's relative bias) needs block='mega', "
-                                 f"got block={self.block!r}")
+            if self.position in MEGA_POSITIONS:
+                raise ValueError(f"position={self.position!r} (Mega's relative bias) needs "
+                                 f"block='mega', got block={self.block!r}")
             return
         if self.mega_z_dim is None:
             self.mega_z_dim = max(1, self.d_model // 2)
@@ -269,9 +271,13 @@ class SpadeConfig:
         if self.global_layers != list(range(self.n_layers)):
             raise ValueError("block='mega' runs the ssm in every layer: global_layers must be "
                              f"{list(range(self.n_layers))}, got {self.global_layers}")
-        if self.position not in ("none", "simple", "sinusoidal", "learned"):
-            raise ValueError("block='mega' takes position in ['none', 'simple', 'sinusoidal', "
-                             f"'learned'], got {self.position!r}")
+        mega_positions = ("none", *MEGA_POSITIONS, "sinusoidal", "learned")
+        if self.position not in mega_positions:
+            raise ValueError(f"block='mega' takes position in {list(mega_positions)}, got "
+                             f"{self.position!r}")
+        if self.position == "rotary" and self.mega_z_dim % 2:
+            raise ValueError("position='rotary' turns pairs of Z's coordinates: mega_z_dim must "
+                             f"be even, got {self.mega_z_dim}")
         if self.combine != "concat" or self.add_weight != 0.5:
             # a warning, not an error: configs saved before this check must still load
             warnings.warn("combine and add_weight mix a global layer's SSM and attention; a "

@@ -23,16 +23,18 @@ dense ``_ref`` twin, :meth:`MegaLayer.forward_ref`).
 
 Reference-code choices kept: W_u, W_z, W_r, W_h are one fused projection of X'; weights
 start N(0, 0.02^2), biases and mu at 0, kappa N(0, 0.02^2); b_rel is the "simple" relative
-bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelativeBias`);
-with full attention, sequences longer than ``max_positions`` are refused (as the reference
-does). ``attention_fn`` "laplace" / "relu2" are the reference's element-wise attention
-functions (:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
+bias (one scalar per offset, :class:`~spadeformer.ops.position_bias.SimpleRelativeBias`;
+with full attention, sequences longer than ``max_positions`` are refused, as the reference
+does) or the "rotary" one of its language models
+(:class:`~spadeformer.ops.position_bias.RotaryRelativeBias`, z wide, any length).
+``attention_fn`` "laplace" / "relu2" are the reference's element-wise attention functions
+(:mod:`spadeformer.ops.element_attn`; its LRA image and Pathfinder runs use laplace).
 ``norm_type`` picks the reference's layer / scale / RMS / batch norm for both norms of the
 block (its LRA text and retrieval runs use scalenorm, its image runs batch norm; here the
 batch statistics leave padded tokens out, and batch norm needs ``causal=False``, since the
-statistics mix positions). ``hidden_dropout`` is the reference's rate on V and on the FFN's hidden
-activations (its LRA runs: 0; None = ``dropout``). Not implemented: rotary bias, and
-SyncBatchNorm (its Path-X run).
+statistics mix positions). ``hidden_dropout`` is the reference's rate on V and on the FFN's
+hidden activations (its LRA runs: 0; None = ``dropout``). Not implemented: SyncBatchNorm (its
+Path-X run).
 
 Weight decay: the reference decays every parameter; here kappa, mu and the biases are not
 decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay
@@ -67,7 +69,7 @@ from spadeformer.layers import (
 )
 from spadeformer.ops.element_attn import check_attention_fn
 from spadeformer.ops.local_attn import PATTERNS, attention_ref, local_attention
-from spadeformer.ops.position_bias import SimpleRelativeBias
+from spadeformer.ops.position_bias import RotaryRelativeBias, SimpleRelativeBias
 from spadeformer.ssm.base import (
     GlobalExtractor,
     check_dropout,
@@ -78,9 +80,10 @@ from spadeformer.ssm.base import (
     mark_no_weight_decay,
 )
 
-__all__ = ["MegaLayer", "bias_reach"]
+__all__ = ["MEGA_BIASES", "MegaLayer", "bias_reach"]
 
 _INIT_STD = 0.02  # the reference code's weight initialisation
+MEGA_BIASES = ("simple", "rotary")  # the reference's rel_pos_bias choices
 
 
 def bias_reach(pattern: str, window_size: int | None, chunk_size: int | None,
@@ -113,9 +116,10 @@ class MegaLayer(nn.Module):
         attention_dropout: on the attention probabilities.
         norm: "pre" or "post".
         norm_type: "layernorm", "scalenorm", "rmsnorm" or "batchnorm" (both norms).
-        relative_bias: add the simple relative position bias b_rel.
-        max_positions: with pattern="full" and the bias, the longest sequence (the bias has
-            one scalar per offset up to max_positions - 1).
+        relative_bias: the relative position bias b_rel: "simple", "rotary" or None (none);
+            True / False mean "simple" / None.
+        max_positions: with pattern="full" and the simple bias, the longest sequence (that
+            bias has one scalar per offset up to max_positions - 1).
         attention_fn: "softmax", or Mega's element-wise "laplace" / "relu2".
 
     forward: x (batch, L, d_model), padding_mask (batch, L) bool True = padded
@@ -126,7 +130,7 @@ class MegaLayer(nn.Module):
                  window_size: int | None = None, chunk_size: int | None = None,
                  causal: bool = True, z_dim: int = 64, v_dim: int | None = None,
                  dropout: float = 0.0, attention_dropout: float = 0.0, norm: str = "pre",
-                 relative_bias: bool = True, max_positions: int = 4096,
+                 relative_bias: str | bool | None = "simple", max_positions: int = 4096,
                  attention_fn: str = "softmax", norm_type: str = "layernorm",
                  hidden_dropout: float | None = None):
         super().__init__()
@@ -156,8 +160,14 @@ class MegaLayer(nn.Module):
         if not isinstance(ema, GlobalExtractor) or ema.d_model != d_model:
             raise ValueError(f"ema must be a global extractor of d_model={d_model}, got "
                              f"{type(ema).__name__}(d_model={getattr(ema, 'd_model', None)})")
-        if not isinstance(relative_bias, bool):
-            raise TypeError(f"relative_bias must be a bool, got {relative_bias!r}")
+        if isinstance(relative_bias, bool):  # the older on / off switch
+            relative_bias = "simple" if relative_bias else None
+        if relative_bias is not None and relative_bias not in MEGA_BIASES:
+            raise ValueError(f"relative_bias must be one of {list(MEGA_BIASES)} or None, got "
+                             f"{relative_bias!r}")
+        if relative_bias == "rotary" and z_dim % 2:
+            raise ValueError(f"relative_bias='rotary' turns pairs of Z's coordinates: z_dim must "
+                             f"be even, got {z_dim}")
         check_attention_fn(attention_fn)
         if ema.bidirectional == causal:
             raise ValueError(f"ema.bidirectional must be {not causal} for causal={causal} "
@@ -184,10 +194,12 @@ class MegaLayer(nn.Module):
         # a per-dimension gain and bias (like LayerNorm's), stored as (2, z) matrices: keep
         # them out of the "decay what has ndim >= 2" rule
         mark_no_weight_decay(self, ("qk_scale", "qk_offset"))
-        self.relative_bias = (
-            SimpleRelativeBias(bias_reach(pattern, window_size, chunk_size, max_positions))
-            if relative_bias else None
-        )
+        self.relative_bias: nn.Module | None = None
+        if relative_bias == "simple":
+            self.relative_bias = SimpleRelativeBias(
+                bias_reach(pattern, window_size, chunk_size, max_positions))
+        elif relative_bias == "rotary":
+            self.relative_bias = RotaryRelativeBias(z_dim)
         self.dropout = nn.Dropout(dropout)
         self.hidden_dropout = nn.Dropout(hidden_dropout)
         self.ffn = FeedForward(d_model, d_ff, dropout, activation="silu",
@@ -248,9 +260,9 @@ class MegaLayer(nn.Module):
         return self._finish(x, u, r, hx, o.to(x.dtype), padding_mask)
 
     def _check_reach(self, length: int) -> None:
-        """Full attention with the bias: refuse what the bias cannot tell apart (the other
-        patterns never see an offset beyond their chunk / window)."""
-        if self.pattern == "full" and self.relative_bias is not None \
+        """Full attention with the simple bias: refuse what the bias cannot tell apart (the
+        other patterns never see an offset beyond their chunk / window; rotary has no limit)."""
+        if self.pattern == "full" and isinstance(self.relative_bias, SimpleRelativeBias) \
                 and length > self.max_positions:
             raise ValueError(f"sequence length {length} exceeds max_positions="
                              f"{self.max_positions} of the relative bias of a full-attention "

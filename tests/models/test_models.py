@@ -56,7 +56,8 @@ def test_step_decoding_equals_forward(system, stepwise_logits):
 
 # Mega's reference variants: element-wise attention with other norms (configs/README)
 MEGA_VARIANTS = [dict(mega_attention_fn="laplace", mega_norm="scalenorm"),
-                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0)]
+                 dict(mega_attention_fn="relu2", mega_norm="rmsnorm", mega_hidden_dropout=0.0),
+                 dict(position="rotary")]
 
 
 @pytest.mark.parametrize("variant", MEGA_VARIANTS)

@@ -133,3 +133,69 @@ def test_simple_bias_is_one_scalar_per_clipped_offset():
     assert bias.translation_invariant and not bias.needs_query
     with pytest.raises(ValueError, match="max_positions"):
         SimpleRelativeBias(0)
+
+
+def _rotary_by_the_offset(bias, offsets: torch.Tensor) -> torch.Tensor:
+    """alpha^T R_r beta written out per pair j = (j, j + dim/2) turned by r * theta_j."""
+    half = bias.dim // 2
+    theta = bias.base ** (-torch.arange(half, dtype=torch.float64) / half)
+    a1, a2 = bias.alpha.detach().double().split(half)
+    b1, b2 = bias.beta.detach().double().split(half)
+    phi = offsets.double().unsqueeze(-1) * theta
+    return (phi.cos() * (a1 * b1 + a2 * b2) + phi.sin() * (a2 * b1 - a1 * b2)).sum(-1)
+
+
+def test_rotary_bias_is_alpha_turned_by_the_offset_against_beta():
+    from spadeformer.ops.position_bias import RotaryRelativeBias
+
+    torch.manual_seed(0)
+    bias = RotaryRelativeBias(8, init_std=1.0).double()
+    q_pos, k_pos = torch.arange(6), torch.arange(-3, 9)  # keys outside [0, L) too
+    out = bias(q_pos, k_pos)
+    assert out.shape == (1, 6, 12) and out.dtype == torch.float64
+    expected = _rotary_by_the_offset(bias, k_pos[None, :] - q_pos[:, None])
+    torch.testing.assert_close(out[0], expected, rtol=1e-12, atol=1e-12)
+    # the reference's recipe: sin / cos tables per position, turn the expanded vectors, dot
+    n, half = 7, 4
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * bias.base ** (
+        -torch.arange(half, dtype=torch.float64) / half)
+    sin, cos = angle.sin(), angle.cos()
+
+    def turn(vec):
+        x1, x2 = vec.detach().expand(n, 8).chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=1)
+
+    torch.testing.assert_close(bias(torch.arange(n), torch.arange(n))[0],
+                               turn(bias.alpha) @ turn(bias.beta).T, rtol=1e-12, atol=1e-12)
+    blocks = bias(q_pos.view(2, 3), k_pos[:8].view(2, 4))  # a leading block axis
+    assert blocks.shape == (1, 2, 3, 4)
+    torch.testing.assert_close(blocks[0, 1], out[0, 3:6, 4:8])
+    assert bias.translation_invariant and not bias.needs_query
+    assert set(bias.state_dict()) == {"alpha", "beta"}
+    assert not torch.allclose(out[0, :, :1], out[0, :, 1:2])  # it does vary with the offset
+
+
+def test_rotary_bias_stays_exact_far_out_and_under_autocast():
+    from spadeformer.ops.position_bias import RotaryRelativeBias
+
+    torch.manual_seed(0)
+    bias = RotaryRelativeBias(16, init_std=1.0)  # fp32
+    near = bias(torch.arange(4), torch.arange(-4, 4))
+    # decoding at position 60k: fp32 angles of 60k would be off by ~4e-3 rad; only k - q counts
+    far = bias(torch.arange(60_000, 60_004), torch.arange(59_996, 60_004))
+    torch.testing.assert_close(far, near, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = bias(torch.arange(4), torch.arange(-4, 4))
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, near)
+
+
+def test_rotary_bias_errors():
+    from spadeformer.ops.position_bias import RotaryRelativeBias
+
+    with pytest.raises(ValueError, match="dim must be even"):
+        RotaryRelativeBias(7)
+    with pytest.raises(ValueError, match="dim must be an integer >= 2"):
+        RotaryRelativeBias(0)
+    with pytest.raises(ValueError, match="base must be a number > 1"):
+        RotaryRelativeBias(8, base=1.0)

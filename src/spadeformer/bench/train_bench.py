@@ -260,6 +260,8 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
     2 d (2 d + z + v), U_h 2 v d, feed-forward 4 d f per token; the single head's attention
     2 (z + v) * pairs. Not counted: the EMA's kernel and FFT convolution.
     """
+    from spadeformer.config import MEGA_POSITIONS
+
     cfg = model_config(name, shape)
     d, f, V = shape.d_model, shape.ff, shape.vocab_size
     tokens = shape.batch_size * length
@@ -270,7 +272,7 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
     if cfg.block == "mega":
         z, v = cfg.mega_z_dim, cfg.mega_v_dim
         pairs = attention_pairs(kind, length, shape.window_size, shape.chunk_size,
-                                shape.batch_size, with_bias=cfg.position == "simple")
+                                shape.batch_size, with_bias=cfg.position in MEGA_POSITIONS)
         per_token = 2 * d * v + 2 * d * (2 * d + z + v) + 2 * v * d + 4 * d * f
         trainable = cfg.n_layers * per_token * tokens + 2 * d * V * tokens
         return FlopCount(trainable, 0.0, cfg.n_layers * 2 * (z + v) * pairs)

@@ -6,8 +6,8 @@ scaled by sqrt(d_model).
 
 Position schemes (``config.position``): "none" (SPADE: the SSM carries position, paper Sec. 3),
 "sinusoidal" or "learned" absolute embeddings added to the tokens (the Transformer baselines),
-"t5" / "shaw" relative biases inside attention, "simple" Mega's per-offset bias inside its
-blocks (``config.block="mega"``: every layer a :class:`~spadeformer.mega.MegaLayer`).
+"t5" / "shaw" relative biases inside attention, "simple" (per offset) / "rotary" Mega's biases
+inside its blocks (``config.block="mega"``: every layer a :class:`~spadeformer.mega.MegaLayer`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from spadeformer.attention import Attention
-from spadeformer.config import SpadeConfig
+from spadeformer.config import MEGA_POSITIONS, SpadeConfig
 from spadeformer.layers import GlobalLayer, LocalLayer, apply_norm, make_norm
 from spadeformer.mega import MegaLayer
 from spadeformer.models.adaptive import AdaptiveInput
@@ -107,7 +107,8 @@ class SpadeModel(PretrainedMixin, nn.Module):
             pattern=c.attention, window_size=c.window_size, chunk_size=c.chunk_size,
             causal=c.causal, z_dim=c.mega_z_dim, v_dim=c.mega_v_dim, dropout=c.dropout,
             attention_dropout=c.attention_dropout, norm=c.norm,
-            relative_bias=c.position == "simple", max_positions=c.max_position,
+            relative_bias=c.position if c.position in MEGA_POSITIONS else None,
+            max_positions=c.max_position,
             attention_fn=c.mega_attention_fn, norm_type=c.mega_norm,
             hidden_dropout=c.mega_hidden_dropout,
         )

@@ -7,12 +7,11 @@ self-attention, cross-attention over the encoder output, feed-forward; pre- or p
 ``config.norm``). The paper augments the encoder, where the long inputs are; outputs
 (summaries, answers) are short, so the decoder keeps full attention.
 
-Positions in the decoder: it has no SSM to carry them, so with ``position`` "none", "t5" or
-"simple" (a Mega encoder) its self-attention uses T5 relative buckets (causal: the past only);
-"sinusoidal" / "learned" add absolute embeddings to the decoder input as to the encoder's;
-"shaw" uses Shaw biases. The
-encoder, decoder input and output layer share one embedding table (T5) unless
-``tie_embeddings=False`` gives the output its own Linear.
+Positions in the decoder: it has no SSM to carry them, so with ``position`` "none", "t5",
+"simple" or "rotary" (a Mega encoder) its self-attention uses T5 relative buckets (causal: the
+past only); "sinusoidal" / "learned" add absolute embeddings to the decoder input as to the
+encoder's; "shaw" uses Shaw biases. The encoder, decoder input and output layer share one
+embedding table (T5) unless ``tie_embeddings=False`` gives the output its own Linear.
 
 Decoding: the encoder runs once; each cross-attention projects the encoder output to keys and
 values once (:meth:`initial_state`), and each step then costs O(source + generated tokens).
@@ -70,7 +69,8 @@ class SpadeForConditionalGeneration(PretrainedMixin, nn.Module):
                              f"{config.adaptive_cutoffs!r}")
         self.config = c = config
         self.backbone = SpadeModel(config)
-        bias = {"none": "t5", "t5": "t5", "simple": "t5", "shaw": "shaw"}.get(c.position)
+        bias = {"none": "t5", "t5": "t5", "simple": "t5", "rotary": "t5",
+                "shaw": "shaw"}.get(c.position)
         self.decoder_layers = nn.ModuleList(
             DecoderLayer(
                 c.d_model, c.d_ff,

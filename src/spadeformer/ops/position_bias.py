@@ -1,5 +1,5 @@
-"""Relative position biases for attention: T5 buckets, Shaw et al. (2018) and Mega's simple
-per-offset scalars (Ma et al. 2022).
+"""Relative position biases for attention: T5 buckets, Shaw et al. (2018), and Mega's simple
+per-offset scalars and rotary bias (Ma et al. 2022).
 
 All are callables in the bias protocol of :mod:`spadeformer.ops.local_attn`:
 ``bias(q_pos, k_pos) -> (heads, ..., Lq, Lk)`` with int64 positions of shape (..., Lq) and
@@ -18,7 +18,13 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ShawRelativeBias", "SimpleRelativeBias", "T5RelativeBias", "t5_relative_bucket"]
+__all__ = [
+    "RotaryRelativeBias",
+    "ShawRelativeBias",
+    "SimpleRelativeBias",
+    "T5RelativeBias",
+    "t5_relative_bucket",
+]
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -220,3 +226,64 @@ class SimpleRelativeBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"max_positions={self.max_positions}"
+
+
+class RotaryRelativeBias(nn.Module):
+    """Mega's "rotary" relative position bias (the reference code's ``rel_pos_bias='rotary'``,
+    which its language models use): two learned vectors alpha, beta of width ``dim``, turned
+    like RoPE (Su et al. 2021) to the query's and the key's position; the bias is their dot
+    product, shared by all heads:
+
+        b(q, k) = (R_q alpha) . (R_k beta) = alpha^T R_{k - q} beta
+
+    R_p turns pair j, the coordinates (j, j + dim/2), by the angle p * theta_j with
+    theta_j = base^(-j / (dim/2)) (the reference divides by dim/2, not dim/2 - 1). The bias
+    depends only on k - q and has no table to outgrow, so any length works. alpha and beta
+    start N(0, init_std^2).
+
+    forward(q_pos (..., Lq), k_pos (..., Lk)) -> (1, ..., Lq, Lk), in fp32 (fp64 when the
+    parameters are fp64), autocast or not.
+    """
+
+    translation_invariant = True
+    needs_query = False
+
+    def __init__(self, dim: int, base: float = 10000.0, init_std: float = 0.02):
+        super().__init__()
+        _check_int("dim", dim, 2)
+        if dim % 2:
+            raise ValueError(f"dim must be even (the rotation turns pairs of coordinates), "
+                             f"got {dim}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+            raise ValueError(f"base must be a number > 1, got {base!r}")
+        self.dim = dim
+        self.base = float(base)
+        self.alpha = nn.Parameter(torch.randn(dim) * init_std)
+        self.beta = nn.Parameter(torch.randn(dim) * init_std)
+
+    def _turn(self, vector: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """vector (dim,) turned to each position: pos (..., L) -> (..., L, dim)."""
+        half = self.dim // 2
+        # theta in the working dtype each call (dim / 2 exps): an fp32 buffer would cap fp64
+        theta = torch.arange(half, device=vector.device, dtype=vector.dtype)
+        theta = torch.exp(theta * (-math.log(self.base) / half))
+        angle = pos.unsqueeze(-1).to(vector.dtype) * theta
+        cos, sin = angle.cos(), angle.sin()
+        x1, x2 = vector.chunk(2)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """q_pos (..., Lq), k_pos (..., Lk) int -> bias (1, ..., Lq, Lk)."""
+        # The bias only sees k - q, so both positions may move by the first query's: the angles
+        # stay as small as the offsets (fp32 angles of position 60k would be off by ~4e-3).
+        if q_pos.shape[-1] > 0:
+            origin = q_pos[..., :1]
+            q_pos, k_pos = q_pos - origin, k_pos - origin
+        dtype = torch.promote_types(self.alpha.dtype, torch.float32)
+        with torch.autocast(q_pos.device.type, enabled=False):
+            a = self._turn(self.alpha.to(dtype), q_pos)
+            b = self._turn(self.beta.to(dtype), k_pos)
+            return torch.matmul(a, b.transpose(-1, -2)).unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, base={self.base:g}"
