@@ -126,3 +126,18 @@ def test_masked_batch_norm_is_batch_norm_over_the_real_tokens():
     torch.testing.assert_close(ours(x[:, 0]), torch_bn(x[:, 0]))
     with pytest.raises(ValueError, match="at least 2 tokens.*call .eval()"):
         ours.train()(x[:1, :1])
+
+
+def test_sync_batch_norm_is_batch_norm_in_one_process():
+    # its all-ranks statistics: tests/training/test_distributed.py (two gloo ranks)
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 5) * 3 + 1
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[1, 4:] = True
+    sync, plain = make_norm("syncbatchnorm", 5), make_norm("batchnorm", 5)
+    assert isinstance(sync, MaskedBatchNorm) and sync.sync and not plain.sync
+    torch.testing.assert_close(sync(x, mask), plain(x, mask))
+    torch.testing.assert_close(sync.running_var, plain.running_var)
+    assert "sync=True" in repr(sync)
+    with pytest.raises(TypeError, match="sync must be a bool"):
+        MaskedBatchNorm(5, sync="yes")

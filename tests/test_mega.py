@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from spadeformer import SpadeConfig
+from spadeformer.layers import MaskedBatchNorm
 from spadeformer.mega import MegaLayer
 from spadeformer.ops.position_bias import RotaryRelativeBias, SimpleRelativeBias
 from spadeformer.ssm.ema import MultiHeadEMA
@@ -391,6 +392,17 @@ def test_config_options_that_mega_blocks_do_not_have():
             SpadeConfig.from_preset("mega-chunk", "tiny", **overrides)
     with pytest.raises(ValueError, match="mega_attention_fn must be one of"):
         SpadeConfig.from_preset("mega-chunk", "tiny", mega_attention_fn="tanh")
+    for norm in ("batchnorm", "syncbatchnorm"):  # statistics over positions: not causal
+        with pytest.raises(ValueError, match=f"mega_norm='{norm}' needs causal=False"):
+            SpadeConfig.from_preset("mega-chunk", "tiny", mega_norm=norm)
+        with pytest.raises(ValueError, match=f"norm_type='{norm}' needs causal=False"):
+            MegaLayer(8, 16, ema=MultiHeadEMA(8), chunk_size=4, norm_type=norm)
+    cfg = SpadeConfig.from_preset("mega-chunk", "tiny", causal=False, mega_norm="syncbatchnorm")
+    from spadeformer.models import SpadeForSequenceClassification
+
+    norms = [m for m in SpadeForSequenceClassification(cfg).modules()
+             if isinstance(m, MaskedBatchNorm)]
+    assert len(norms) == 2 * cfg.n_layers + 1 and all(n.sync for n in norms)
 
 
 def test_config_attention_fn_and_norm_reach_every_block():

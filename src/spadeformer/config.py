@@ -136,12 +136,12 @@ class SpadeConfig:
     # d_model // 2) and V (values; None = 2 * d_model), as Mega's LRA configs (d 128: z 64, v 256).
     # mega_attention_fn: "softmax", or the reference's element-wise "laplace" (its LRA image /
     # Pathfinder runs) / "relu2". mega_norm: "layernorm", "scalenorm" (its LRA text /
-    # retrieval runs), "rmsnorm" or "batchnorm" (its image runs), in every block and at the end
-    # of the stack.
+    # retrieval runs), "rmsnorm", "batchnorm" (its image runs) or "syncbatchnorm" (batch
+    # statistics over all ranks: its Path-X run), in every block and at the end of the stack.
     # mega_hidden_dropout: on V and the FFN's hidden activations (None = dropout; Mega's LRA
     # runs: 0).
     # n_heads (but an encoder-decoder's decoder uses it), combine and add_weight do not apply
-    # to Mega blocks; batchnorm needs causal=False (batch statistics mix the positions).
+    # to Mega blocks; the batch norms need causal=False (their statistics mix the positions).
     block: str = "transformer"
     mega_z_dim: int | None = None
     mega_v_dim: int | None = None
@@ -241,7 +241,7 @@ class SpadeConfig:
 
     def _check_block(self) -> None:
         """Mega-specific fields and combinations; fills Mega's default widths."""
-        from spadeformer.layers import NORM_TYPES  # lazy: these import torch
+        from spadeformer.layers import BATCH_NORMS, NORM_TYPES  # lazy: these import torch
         from spadeformer.ops.element_attn import ATTENTION_FNS
 
         _choice("mega_attention_fn", self.mega_attention_fn, ATTENTION_FNS)
@@ -283,10 +283,10 @@ class SpadeConfig:
             warnings.warn("combine and add_weight mix a global layer's SSM and attention; a "
                           f"Mega block has neither, so combine={self.combine!r} and "
                           f"add_weight={self.add_weight!r} are ignored", stacklevel=3)
-        if self.mega_norm == "batchnorm" and self.causal:
-            raise ValueError("mega_norm='batchnorm' needs causal=False: its batch statistics "
-                             "mix the positions, so a causal model would see later tokens in "
-                             "training (Mega uses it for image classification)")
+        if self.mega_norm in BATCH_NORMS and self.causal:
+            raise ValueError(f"mega_norm={self.mega_norm!r} needs causal=False: its batch "
+                             "statistics mix the positions, so a causal model would see later "
+                             "tokens in training (Mega uses it for image classification)")
 
     @property
     def position_limit(self) -> int | None:

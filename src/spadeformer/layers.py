@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from spadeformer.attention import Attention
@@ -38,7 +39,9 @@ __all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "MaskedBa
 
 NORMS = ("pre", "post")
 COMBINES = ("concat", "add", "stack")
-NORM_TYPES = ("layernorm", "scalenorm", "rmsnorm", "batchnorm")  # what make_norm builds
+# what make_norm builds; the batch norms' statistics mix positions (no causal model)
+NORM_TYPES = ("layernorm", "scalenorm", "rmsnorm", "batchnorm", "syncbatchnorm")
+BATCH_NORMS = ("batchnorm", "syncbatchnorm")
 
 
 class ScaleNorm(nn.Module):
@@ -59,14 +62,20 @@ class MaskedBatchNorm(nn.Module):
     except padded ones: in training the batch's mean and (biased) variance over the real
     tokens, running averages (momentum 0.1, unbiased variance) otherwise, as
     ``nn.BatchNorm1d`` does for the unpadded tokens alone. One of Mega's norms (its LRA image
-    runs). Statistics are per process (no synchronisation across ranks).
+    runs). With ``sync=True`` and a process group of several ranks, the training statistics
+    are over the real tokens of every rank's batch (``nn.SyncBatchNorm``'s role; Mega's Path-X
+    run): two sums per call are all-reduced, with gradients flowing back across the ranks, so
+    every rank must call it in training mode equally often. Otherwise per process.
 
     forward(x (..., d), padding_mask (...) bool True = padded, or None) -> (..., d).
     """
 
-    def __init__(self, d_model: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, d_model: int, eps: float = 1e-5, momentum: float = 0.1,
+                 sync: bool = False):
         super().__init__()
-        self.eps, self.momentum = eps, momentum
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {sync!r}")
+        self.eps, self.momentum, self.sync = eps, momentum, sync
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = nn.Parameter(torch.zeros(d_model))
         self.register_buffer("running_mean", torch.zeros(d_model))
@@ -82,9 +91,11 @@ class MaskedBatchNorm(nn.Module):
             # masked sums rather than a boolean gather: no host sync on the GPU
             real = (torch.ones_like(flat[:, :1]) if padding_mask is None
                     else (~padding_mask).reshape(-1, 1).to(flat.dtype))
-            n = real.sum()
-            mean = (flat * real).sum(0) / n.clamp(min=1)
-            var = ((flat - mean).square() * real).sum(0) / n.clamp(min=1)
+            # two passes (sum, then centred squares): no cancellation in E[x^2] - E[x]^2
+            sums = self._sum_over_ranks(torch.cat([(flat * real).sum(0), real.sum().view(1)]))
+            n = sums[-1]
+            mean = sums[:-1] / n.clamp(min=1)
+            var = self._sum_over_ranks(((flat - mean).square() * real).sum(0)) / n.clamp(min=1)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
                 unbiased = var.detach() * n / (n - 1).clamp(min=1)
@@ -92,6 +103,20 @@ class MaskedBatchNorm(nn.Module):
         else:
             mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the process group when syncing (its backward sums the gradients back
+        over the ranks: each rank's statistics feed every rank's loss); else t."""
+        if not (self.sync and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return t
+        from torch.distributed.nn.functional import all_reduce  # autograd-aware
+
+        return all_reduce(t)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}, " \
+               f"sync={self.sync}"
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor,
@@ -102,16 +127,17 @@ def apply_norm(norm: nn.Module, x: torch.Tensor,
 
 def make_norm(kind: str, d_model: int) -> nn.Module:
     """A normalisation over the last axis of width d_model: "layernorm", "scalenorm",
-    "rmsnorm" (per-dimension gain, no centring) or "batchnorm" (:class:`MaskedBatchNorm`;
-    call it through :func:`apply_norm`), all with eps 1e-5."""
+    "rmsnorm" (per-dimension gain, no centring), "batchnorm" or "syncbatchnorm"
+    (:class:`MaskedBatchNorm`, statistics per process / over all ranks; call it through
+    :func:`apply_norm`), all with eps 1e-5."""
     if kind == "layernorm":
         return nn.LayerNorm(d_model)
     if kind == "scalenorm":
         return ScaleNorm()
     if kind == "rmsnorm":
         return nn.RMSNorm(d_model, eps=1e-5)
-    if kind == "batchnorm":
-        return MaskedBatchNorm(d_model)
+    if kind in BATCH_NORMS:
+        return MaskedBatchNorm(d_model, sync=kind == "syncbatchnorm")
     raise ValueError(f"norm type must be one of {list(NORM_TYPES)}, got {kind!r}")
 
 

@@ -33,8 +33,8 @@ does) or the "rotary" one of its language models
 block (its LRA text and retrieval runs use scalenorm, its image runs batch norm; here the
 batch statistics leave padded tokens out, and batch norm needs ``causal=False``, since the
 statistics mix positions). ``hidden_dropout`` is the reference's rate on V and on the FFN's
-hidden activations (its LRA runs: 0; None = ``dropout``). Not implemented: SyncBatchNorm (its
-Path-X run).
+hidden activations (its LRA runs: 0; None = ``dropout``). "syncbatchnorm" takes the batch
+statistics over every rank of a data-parallel run (its Path-X run, on 8 GPUs).
 
 Weight decay: the reference decays every parameter; here kappa, mu and the biases are not
 decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay
@@ -60,6 +60,7 @@ from spadeformer.attention import (
     empty_cache,
 )
 from spadeformer.layers import (
+    BATCH_NORMS,
     NORM_TYPES,
     NORMS,
     FeedForward,
@@ -115,7 +116,8 @@ class MegaLayer(nn.Module):
         hidden_dropout: on V and on the feed-forward's hidden activations (None = dropout).
         attention_dropout: on the attention probabilities.
         norm: "pre" or "post".
-        norm_type: "layernorm", "scalenorm", "rmsnorm" or "batchnorm" (both norms).
+        norm_type: "layernorm", "scalenorm", "rmsnorm", "batchnorm" or "syncbatchnorm"
+            (batch statistics over every rank of a process group), for both norms.
         relative_bias: the relative position bias b_rel: "simple", "rotary" or None (none);
             True / False mean "simple" / None.
         max_positions: with pattern="full" and the simple bias, the longest sequence (that
@@ -150,8 +152,8 @@ class MegaLayer(nn.Module):
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         if norm_type not in NORM_TYPES:
             raise ValueError(f"norm_type must be one of {list(NORM_TYPES)}, got {norm_type!r}")
-        if norm_type == "batchnorm" and causal:
-            raise ValueError("norm_type='batchnorm' needs causal=False: its batch statistics "
+        if norm_type in BATCH_NORMS and causal:
+            raise ValueError(f"norm_type={norm_type!r} needs causal=False: its batch statistics "
                              "mix the positions, so a causal block would see later tokens")
         hidden_dropout = dropout if hidden_dropout is None else hidden_dropout
         for name, p in (("dropout", dropout), ("attention_dropout", attention_dropout),

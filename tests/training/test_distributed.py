@@ -113,3 +113,53 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
     assert state["step"] == 8 and state["world_size"] == 2 and len(state["rng"]) == 2
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp_model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_synchronised_batch_norm_over_two_ranks_equals_one_batch(tmp_path, monkeypatch):
+    """MaskedBatchNorm(sync=True) on 2 gloo ranks, half the batch each, gives the outputs,
+    input gradients, summed parameter gradients and running statistics of one process
+    normalising the whole batch; per-process statistics (sync=False) differ. A DDP Mega
+    classifier with mega_norm="syncbatchnorm" trains to the weights of one process."""
+    from sync_norm_worker import (
+        classifier_batch,
+        global_batch,
+        make_norm,
+        mega_classifier,
+        train_two_steps,
+    )
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(WORKER.with_name("sync_norm_worker.py")), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    x, padding, w = global_batch()
+    x.requires_grad_(True)
+    norm = make_norm().train()  # no process group here: statistics over this whole batch
+    y = norm(x, padding)
+    (y * w).sum().backward()
+    real = ~padding
+    for r, got in enumerate(ranks):
+        half = slice(2 * r, 2 * r + 2)
+        torch.testing.assert_close(got["y"][real[half]], y.detach()[half][real[half]])
+        torch.testing.assert_close(got["x_grad"], x.grad[half])
+        assert not torch.allclose(got["y_local"][real[half]], got["y"][real[half]], atol=1e-3)
+        torch.testing.assert_close(got["running_mean"], norm.running_mean)
+        torch.testing.assert_close(got["running_var"], norm.running_var)
+    for name in ("weight_grad", "bias_grad"):  # each rank's share; DDP would average them
+        torch.testing.assert_close(ranks[0][name] + ranks[1][name],
+                                   getattr(norm, name.removesuffix("_grad")).grad)
+
+    model = mega_classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_two_steps(model, *classifier_batch())
+    replicas = [torch.load(tmp_path / f"model{r}.pt") for r in range(2)]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(replicas[0][k], v, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(replicas[1][k], v, rtol=1e-9, atol=1e-9)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()
+               if k.endswith("norm_mix.weight"))  # the norms trained
