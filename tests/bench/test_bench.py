@@ -33,7 +33,9 @@ from spadeformer.bench.train_bench import (
     BenchShape,
     attention_pairs,
     build_model,
+    model_config,
     run_train_bench,
+    split_model,
     train_flops,
 )
 from spadeformer.cli import main
@@ -275,6 +277,50 @@ def test_bad_model_name_is_a_cli_error(tmp_path, capsys):
     assert "nope" in err and "transformer-full-eager" in err
     assert main(["bench", "generate", "--models", "transformer-full-eager", "--out",
                  str(tmp_path)]) == 2
+
+
+def test_model_options_name_a_variant_of_a_model():
+    assert split_model("mega-chunk") == ("mega-chunk", {})
+    assert split_model("mega-chunk:mega_attention_fn=laplace:mega_hidden_dropout=0") == (
+        "mega-chunk", {"mega_attention_fn": "laplace", "mega_hidden_dropout": 0})
+    cfg = model_config("mega-chunk:position=rotary:mega_norm=rmsnorm", SHAPE)
+    assert (cfg.position, cfg.mega_norm, cfg.d_model) == ("rotary", "rmsnorm", 32)
+    for bad, match in (("mega-chunk:laplace", "must be FIELD=VALUE"),
+                       ("mega-chunk:colour=red", "must be FIELD=VALUE"),
+                       ("mega-chunk:d_model=64", "d_model is part of the shape")):
+        with pytest.raises(ValueError, match=match):
+            split_model(bad)
+
+
+def test_bench_runs_model_variants_and_names_them(tmp_path, capsys):
+    variant = "mega-chunk:mega_attention_fn=laplace:position=rotary"
+    out = tmp_path / "variants"
+    assert main(["bench", "train", "--lengths", "64", "--models", f"mega-chunk,{variant}",
+                 "--repeats", "1", "--warmup", "0", "--peak-size", "64", "--peak-repeats", "1",
+                 "--in-process", "--no-plot", "--out", str(out), *TINY]) == 0
+    _, rows = _read(out / "train.csv")
+    assert [(r["model"], r["status"]) for r in rows] == [("mega-chunk", "ok"), (variant, "ok")]
+    assert f"| {variant} |" in capsys.readouterr().out
+    # the same matmuls: laplace changes the weights' function, rotary the bias
+    assert rows[0]["gflop_per_step"] == rows[1]["gflop_per_step"]
+    assert main(["bench", "generate", "--contexts", "16", "--models", variant, "--tokens", "2",
+                 "--warmup", "1", "--in-process", "--no-plot", "--out", str(tmp_path / "g"),
+                 *TINY]) == 0
+    _, (row,) = _read(tmp_path / "g" / "generate.csv")
+    assert (row["model"], row["status"]) == (variant, "ok")
+
+
+@pytest.mark.parametrize("models, match", [
+    ("mega-chunk:mega_norm=batchnorm", "model 'mega-chunk:mega_norm=batchnorm': "
+                                       "mega_norm='batchnorm' needs causal=False"),
+    ("transformer-chunk:mega_attention_fn=laplace", "only used with block='mega'"),
+    ("mega-chunk,mega-chunk", "must not repeat"),
+])
+def test_bad_model_variants_fail_before_anything_runs(tmp_path, capsys, models, match):
+    assert main(["bench", "train", "--lengths", "64", "--models", models, "--peak-size", "64",
+                 "--out", str(tmp_path / "bad"), *TINY]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "train.csv").exists()
 
 
 # ------------------------------------------------------------------------------ FLOPs

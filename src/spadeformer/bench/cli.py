@@ -100,7 +100,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_int_list, default=DEFAULT_LENGTHS,
                    help="comma-separated sequence lengths")
     p.add_argument("--models", type=_name_list, default=",".join(MODELS),
-                   help="comma-separated model names; the default runs all of them")
+                   help="comma-separated model names; the default runs all of them. A name "
+                        "may carry SpadeConfig fields of its own, NAME:FIELD=VALUE[:...], e.g. "
+                        "mega-chunk:mega_attention_fn=laplace")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per cell (with --interleave: untimed rounds of all "
                         "models; 2 lets the shared heap settle, see benchmarks/README.md)")
@@ -136,7 +138,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=_int_list, default=DEFAULT_CONTEXTS,
                    help="comma-separated context lengths")
     p.add_argument("--models", type=_name_list, default="spade-s4-window,transformer-full",
-                   help=f"comma-separated, from {','.join(GENERATE_MODELS)}")
+                   help=f"comma-separated, from {','.join(GENERATE_MODELS)} (each "
+                        "optionally NAME:FIELD=VALUE[:...], as in bench train)")
     p.add_argument("--tokens", type=int, default=32, help="timed tokens per context (median)")
     p.add_argument("--warmup", type=int, default=4, help="untimed tokens per context")
     p.add_argument("--state", choices=STATE_MODES, default="auto",
@@ -259,6 +262,18 @@ def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str) -> None
 
 
 # --------------------------------------------------------------------------------- handlers
+def _check_configs(models: list[str], shape) -> None:
+    """Build every model's config before anything is timed: a bad NAME:FIELD=VALUE fails
+    here, named, instead of as a failed cell."""
+    from spadeformer.bench.train_bench import model_config
+
+    for spec in models:
+        try:
+            model_config(spec, shape)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"model {spec!r}: {err}") from None
+
+
 def bench_train(args: argparse.Namespace) -> int:
     """Handler of ``spadeformer bench train``; returns the exit code."""
     from spadeformer.bench import machine as bm
@@ -275,11 +290,12 @@ def bench_train(args: argparse.Namespace) -> int:
     profile = None
     if args.profile:
         model, _, length = args.profile.partition("@")
-        if not length.isdigit() or model not in tb.MODELS:
+        if not length.isdigit() or tb.split_model(model)[0] not in tb.MODELS:
             raise ValueError(f"--profile must be MODEL@LENGTH with MODEL in {list(tb.MODELS)}, "
                              f"got {args.profile!r}")
         profile = (model, int(length))
     shape, mem, out = _setup(args)
+    _check_configs([*args.models, *([profile[0]] if profile else [])], shape)
     device = bm.resolve_device(args.device)
     machine = _machine()
     _say(f"bench train: {len(args.models)} models x {len(args.lengths)} lengths, "
@@ -344,6 +360,7 @@ def bench_generate(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     shape, mem, out = _setup(args)
+    _check_configs(args.models, shape)
     device = gb.resolve_device(args.device)
     machine = _machine()
     _say(f"bench generate: {args.models} at contexts {args.contexts}, shape {shape}, "

@@ -141,19 +141,55 @@ class BenchShape:
         return self.d_ff if self.d_ff is not None else 4 * self.d_model
 
 
+# SpadeConfig fields that BenchShape sets for every model alike
+_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window_size",
+                 "chunk_size")
+
+
+def split_model(spec: str) -> tuple[str, dict[str, Any]]:
+    """A model of the benchmark, optionally with SpadeConfig fields of its own:
+    ``NAME[:FIELD=VALUE[:FIELD=VALUE...]]`` -> (NAME, {FIELD: VALUE}), values read as YAML
+    (``mega-chunk:mega_attention_fn=laplace:position=rotary``). The whole spec names the model
+    in the CSV, tables and plot. The shape's fields (width, depth, heads, sizes) stay the
+    flags', the same for every model."""
+    import dataclasses
+
+    from spadeformer.config import SpadeConfig
+    from spadeformer.runconfig import _parse_value
+
+    name, *options = spec.split(":")
+    fields = {f.name for f in dataclasses.fields(SpadeConfig)}
+    overrides: dict[str, Any] = {}
+    for option in options:
+        key, eq, raw = option.partition("=")
+        if not eq or key not in fields:
+            raise ValueError(f"model option {option!r} of {spec!r} must be FIELD=VALUE with "
+                             f"FIELD a SpadeConfig field, e.g. mega-chunk:position=rotary")
+        if key in _SHAPE_FIELDS:
+            raise ValueError(f"model option {option!r} of {spec!r}: {key} is part of the "
+                             "shape every model shares; set it with the command's flags")
+        overrides[key] = _parse_value(raw)
+    return name, overrides
+
+
 def check_models(models: list[str], allowed: tuple[str, ...] = MODELS) -> list[str]:
-    bad = [m for m in models if m not in allowed]
+    """``models`` (specs, see :func:`split_model`) if every name is in ``allowed``."""
+    bad = [m for m in models if split_model(m)[0] not in allowed]
     if bad or not models:
-        raise ValueError(f"models must be a non-empty list from {list(allowed)}, got "
-                         f"{bad or models}")
+        raise ValueError(f"models must be a non-empty list from {list(allowed)} (each "
+                         f"optionally NAME:FIELD=VALUE...), got {bad or models}")
+    if len(set(models)) != len(models):
+        raise ValueError(f"models must not repeat, got {models}")
     return list(models)
 
 
-def model_config(name: str, shape: BenchShape):
-    """The SpadeConfig of a benchmarked model (dropout 0: the bench times the math only)."""
+def model_config(spec: str, shape: BenchShape):
+    """The SpadeConfig of a benchmarked model (dropout 0: the bench times the math only);
+    ``spec`` is a name of :data:`MODELS` with optional fields (:func:`split_model`)."""
     from spadeformer.config import SpadeConfig
 
-    check_models([name])
+    check_models([spec])
+    name, options = split_model(spec)
     system = "transformer-full" if name == "transformer-full-eager" else name
     overrides: dict[str, Any] = dict(
         vocab_size=shape.vocab_size, d_model=shape.d_model, n_layers=shape.n_layers,
@@ -168,16 +204,16 @@ def model_config(name: str, shape: BenchShape):
     elif system.startswith("spade-"):
         # SPADE freezes S4 at its HiPPO initialisation (paper Sec. 4.2, Eq. 5).
         overrides["ssm_options"] = {"d_state": shape.d_state, "trainable": False}
-    return SpadeConfig.from_preset(system, "tiny", **overrides)
+    return SpadeConfig.from_preset(system, "tiny", **{**overrides, **options})
 
 
-def build_model(name: str, shape: BenchShape):
-    """SpadeForCausalLM for ``name``; the eager model runs Attention.forward_ref (dense)."""
+def build_model(spec: str, shape: BenchShape):
+    """SpadeForCausalLM for ``spec``; the eager model runs Attention.forward_ref (dense)."""
     from spadeformer.attention import Attention
     from spadeformer.models.heads import SpadeForCausalLM
 
-    model = SpadeForCausalLM(model_config(name, shape))
-    if name == "transformer-full-eager":
+    model = SpadeForCausalLM(model_config(spec, shape))
+    if split_model(spec)[0] == "transformer-full-eager":
         for module in model.modules():
             if isinstance(module, Attention):
                 # instance attribute shadows the class method: nn.Module.__call__ -> forward_ref
@@ -265,7 +301,7 @@ def train_flops(name: str, shape: BenchShape, length: int) -> FlopCount:
     cfg = model_config(name, shape)
     d, f, V = shape.d_model, shape.ff, shape.vocab_size
     tokens = shape.batch_size * length
-    kind = "eager" if name == "transformer-full-eager" else cfg.attention
+    kind = "eager" if split_model(name)[0] == "transformer-full-eager" else cfg.attention
     trainable = frozen = attention = 0.0
     ssm_trainable = bool(cfg.ssm_options.get("trainable", True))
     ssm_pointwise = bool(cfg.ssm_options.get("pointwise", True))
