@@ -141,3 +141,18 @@ def test_sync_batch_norm_is_batch_norm_in_one_process():
     assert "sync=True" in repr(sync)
     with pytest.raises(TypeError, match="sync must be a bool"):
         MaskedBatchNorm(5, sync="yes")
+
+
+def test_feed_forward_refuses_bad_rates_by_name():
+    from spadeformer.layers import FeedForward
+
+    ffn = FeedForward(8, 16, dropout=0.1, hidden_dropout=0.0)
+    assert (ffn.dropout.p, ffn.hidden_dropout.p) == (0.1, 0.0)
+    assert FeedForward(8, 16, dropout=0.2).hidden_dropout.p == 0.2  # None: the same rate
+    for kwargs, match in ((dict(dropout=1.0), "dropout must be a number in"),
+                          (dict(hidden_dropout=-0.1), "hidden_dropout must be a number in"),
+                          (dict(dropout=True), "dropout must be a number in")):
+        with pytest.raises(ValueError, match=match):
+            FeedForward(8, 16, **kwargs)
+    with pytest.raises(ValueError, match="dropout must be a number in"):
+        LocalLayer(8, 2, 16, attention=None, dropout=1.5)

@@ -32,7 +32,7 @@ from torch import nn
 
 from spadeformer.attention import Attention
 from spadeformer.cross_attention import CrossAttention, MemoryKV
-from spadeformer.ssm.base import GlobalExtractor
+from spadeformer.ssm.base import GlobalExtractor, check_dropout
 
 __all__ = ["DecoderLayer", "FeedForward", "LocalLayer", "GlobalLayer", "MaskedBatchNorm",
            "ScaleNorm", "apply_norm", "make_norm", "state_to_device"]
@@ -157,6 +157,9 @@ class FeedForward(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        check_dropout(dropout, "dropout")
+        if hidden_dropout is not None:
+            check_dropout(hidden_dropout, "hidden_dropout")
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
         self.act = ACTIVATIONS[activation]()

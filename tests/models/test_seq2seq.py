@@ -166,6 +166,8 @@ def test_t5_base_size():
 def test_bad_configs_and_inputs_are_refused():
     with pytest.raises(ValueError, match="causal=False"):
         SpadeForConditionalGeneration(tiny(causal=True))
+    with pytest.raises(ValueError, match=r"decoder attention has n_heads heads: d_model \(30\)"):
+        SpadeForConditionalGeneration(tiny("mega-chunk", d_model=30))  # a Mega encoder is fine
     with pytest.raises(ValueError, match="decoder_start_token_id must be an integer in"):
         tiny(decoder_start_token_id=VOCAB)
     with pytest.raises(ValueError, match="n_decoder_layers must be a positive integer"):

@@ -67,6 +67,10 @@ class SpadeForConditionalGeneration(PretrainedMixin, nn.Module):
             raise ValueError("SpadeForConditionalGeneration has a plain output layer: "
                              "adaptive_cutoffs must be None, got "
                              f"{config.adaptive_cutoffs!r}")
+        if config.d_model % config.n_heads:  # a Mega encoder alone would not need it
+            raise ValueError("SpadeForConditionalGeneration's decoder attention has n_heads "
+                             f"heads: d_model ({config.d_model}) must be divisible by n_heads "
+                             f"({config.n_heads})")
         self.config = c = config
         self.backbone = SpadeModel(config)
         bias = {"none": "t5", "t5": "t5", "simple": "t5", "rotary": "t5",
