@@ -428,3 +428,39 @@ def test_position_limit_names_what_bounds_the_length():
     assert SpadeConfig.from_preset("mega", "tiny", position="none").position_limit is None
     assert SpadeConfig(position="learned", max_position=32).position_limit == 32
     assert SpadeConfig().position_limit is None
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double().cpu() - want).norm() / want.norm())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pattern, attention_fn, bias", [
+    ("chunk", "laplace", "rotary"), ("chunk", "softmax", "rotary"),
+    ("full", "softmax", "simple"), ("window", "relu2", "simple")])
+def test_mega_block_on_cuda_matches_cpu_fp64(pattern, attention_fn, bias):
+    """Runs only where a GPU is present (benchmarks/gpu_check.sh): the CUDA paths (FlexAttention
+    for softmax, the blocked element path, the rotary bias) in fp32 and bf16 autocast against
+    the same block in fp64 on the CPU, values and gradients."""
+    sizes = {"chunk": dict(chunk_size=64), "window": dict(window_size=32), "full": {}}[pattern]
+    torch.manual_seed(0)
+    layer = MegaLayer(64, 128, ema=MultiHeadEMA(64, n_dims=4), pattern=pattern, z_dim=32,
+                      v_dim=64, relative_bias=bias, attention_fn=attention_fn, **sizes)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 300, 64)
+    ref = copy.deepcopy(layer).double()
+    x_ref = x.double().requires_grad_()
+    y_ref = ref(x_ref)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_ref, *ref.parameters()])
+    gpu = copy.deepcopy(layer).cuda()
+    x_gpu = x.cuda().requires_grad_()
+    y = gpu(x_gpu)
+    grads = torch.autograd.grad(y.square().sum(), [x_gpu, *gpu.parameters()])
+    assert _relative_error(y, y_ref.detach()) < 1e-4
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert _relative_error(got, want) < 1e-3
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_bf16 = gpu(x.cuda())
+    assert _relative_error(y_bf16, y_ref.detach()) < 3e-2
