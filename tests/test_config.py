@@ -103,3 +103,15 @@ def test_ssm_stacks_follow_an_n_layers_override(system):
     assert cfg.n_layers == 2 and cfg.global_layers == [0, 1]
     assert SpadeConfig.from_preset(system, size="tiny", n_layers=5).global_layers == [0, 1, 2, 3, 4]
     assert SpadeConfig.from_preset("spade-s4-window", size="lra", n_layers=3).global_layers == [0]
+
+
+def test_an_unquoted_none_override_means_the_none_choice():
+    from spadeformer.runconfig import build_model_config, load_run_config
+
+    # `model.position=none` reads as YAML null; for these fields it means the "none" choice
+    cfg = load_run_config(None, ["model.preset=mega-chunk", "model.position=none"])
+    assert cfg["model"]["position"] is None
+    assert build_model_config(cfg["model"]).position == "none"
+    assert SpadeConfig.from_preset("s4", "tiny", attention=None).attention == "none"
+    with pytest.raises(ValueError, match="norm must be one of"):
+        SpadeConfig(norm=None)  # no "none" choice: still an error

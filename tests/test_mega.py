@@ -308,13 +308,16 @@ def test_rotary_bias_block_follows_the_equations_and_decodes(pattern):
         y_t, state = layer.step(x[:, t], state)
         ys.append(y_t)
     torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-9, atol=1e-9)
-    simple = make(pattern).double()
-    assert not torch.allclose(simple(x), y, atol=1e-2)  # a different bias, a different block
+    no_bias = copy.deepcopy(layer)
+    no_bias.relative_bias = None
+    assert not torch.allclose(no_bias(x), y, atol=1e-2)  # the same block but its bias: it counts
 
 
 def test_rotary_bias_has_no_length_limit():
-    layer = make("full", max_positions=6, relative_bias="rotary")
-    layer(torch.randn(1, 20, 8))  # the simple bias would refuse this (test above)
+    layer = make("full", max_positions=6, relative_bias="rotary").double()
+    x = torch.randn(1, 20, 8, dtype=torch.float64)  # the simple bias would refuse this
+    torch.testing.assert_close(layer(x), mega_by_the_equations(layer, x), rtol=1e-10,
+                               atol=1e-10)
     assert make("full", relative_bias=True).relative_bias.__class__ is SimpleRelativeBias
     assert make("full", relative_bias=None).relative_bias is None
 
@@ -441,7 +444,11 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def test_mega_block_on_cuda_matches_cpu_fp64(pattern, attention_fn, bias):
     """Runs only where a GPU is present (benchmarks/gpu_check.sh): the CUDA paths (FlexAttention
     for softmax, the blocked element path, the rotary bias) in fp32 and bf16 autocast against
-    the same block in fp64 on the CPU, values and gradients."""
+    the same block in fp64 on the CPU, values and gradients. FlexAttention must not have
+    fallen back to SDPA (it warns and marks itself broken when it does)."""
+    from spadeformer.ops import flex_attn
+
+    flex_attn._broken.clear()
     sizes = {"chunk": dict(chunk_size=64), "window": dict(window_size=32), "full": {}}[pattern]
     torch.manual_seed(0)
     layer = MegaLayer(64, 128, ema=MultiHeadEMA(64, n_dims=4), pattern=pattern, z_dim=32,
@@ -462,5 +469,8 @@ def test_mega_block_on_cuda_matches_cpu_fp64(pattern, attention_fn, bias):
     for got, want in zip(grads, grads_ref, strict=True):
         assert _relative_error(got, want) < 1e-3
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_bf16 = gpu(x.cuda())
+        y_bf16 = gpu(x_gpu)
+        grads_bf16 = torch.autograd.grad(y_bf16.float().square().sum(), [x_gpu])
     assert _relative_error(y_bf16, y_ref.detach()) < 3e-2
+    assert _relative_error(grads_bf16[0], grads_ref[0]) < 5e-2
+    assert not flex_attn._broken

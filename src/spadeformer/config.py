@@ -168,6 +168,9 @@ class SpadeConfig:
         _probability("dropout", self.dropout)
         _probability("attention_dropout", self.attention_dropout)
         _choice("ssm", self.ssm, SSM_KINDS)
+        for name in ("attention", "position"):
+            if getattr(self, name) is None:  # `model.position=none` on a command line: null
+                setattr(self, name, "none")
         _choice("attention", self.attention, ATTENTION_PATTERNS)
         _choice("position", self.position, POSITIONS)
         _choice("norm", self.norm, NORMS)

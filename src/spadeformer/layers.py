@@ -64,8 +64,9 @@ class MaskedBatchNorm(nn.Module):
     ``nn.BatchNorm1d`` does for the unpadded tokens alone. One of Mega's norms (its LRA image
     runs). With ``sync=True`` and a process group of several ranks, the training statistics
     are over the real tokens of every rank's batch (``nn.SyncBatchNorm``'s role; Mega's Path-X
-    run): two sums per call are all-reduced, with gradients flowing back across the ranks, so
-    every rank must call it in training mode equally often. Otherwise per process.
+    run): two sums per call are all-reduced over the default process group, with gradients
+    flowing back across the ranks, so every rank must call it in training mode equally often
+    (a rank whose tokens are all padding still takes part). Otherwise per process.
 
     forward(x (..., d), padding_mask (...) bool True = padded, or None) -> (..., d).
     """
@@ -84,18 +85,23 @@ class MaskedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
             flat = x.reshape(-1, x.shape[-1])
-            if flat.shape[0] < 2:
-                raise ValueError("batch norm (mega_norm='batchnorm') in training needs at "
+            syncing = self._syncing()
+            # not when syncing: a rank raising alone would leave the others waiting in the
+            # all-reduce (the batch of all ranks together is what counts)
+            if flat.shape[0] < 2 and not syncing:
+                raise ValueError(f"batch norm (mega_norm='{self._kind}') in training needs at "
                                  f"least 2 tokens in the batch, got {flat.shape[0]}: call "
                                  ".eval() to normalise with the running averages")
             # masked sums rather than a boolean gather: no host sync on the GPU
             real = (torch.ones_like(flat[:, :1]) if padding_mask is None
                     else (~padding_mask).reshape(-1, 1).to(flat.dtype))
             # two passes (sum, then centred squares): no cancellation in E[x^2] - E[x]^2
-            sums = self._sum_over_ranks(torch.cat([(flat * real).sum(0), real.sum().view(1)]))
+            sums = torch.cat([(flat * real).sum(0), real.sum().view(1)])
+            sums = _SumOverRanks.apply(sums) if syncing else sums
             n = sums[-1]
             mean = sums[:-1] / n.clamp(min=1)
-            var = self._sum_over_ranks(((flat - mean).square() * real).sum(0)) / n.clamp(min=1)
+            squares = ((flat - mean).square() * real).sum(0)
+            var = (_SumOverRanks.apply(squares) if syncing else squares) / n.clamp(min=1)
             with torch.no_grad():
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
                 unbiased = var.detach() * n / (n - 1).clamp(min=1)
@@ -104,19 +110,35 @@ class MaskedBatchNorm(nn.Module):
             mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
-    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
-        """t summed over the process group when syncing (its backward sums the gradients back
-        over the ranks: each rank's statistics feed every rank's loss); else t."""
-        if not (self.sync and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
-            return t
-        from torch.distributed.nn.functional import all_reduce  # autograd-aware
+    @property
+    def _kind(self) -> str:
+        return "syncbatchnorm" if self.sync else "batchnorm"
 
-        return all_reduce(t)
+    def _syncing(self) -> bool:
+        return (self.sync and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, momentum={self.momentum}, " \
                f"sync={self.sync}"
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Sum of a tensor over the ranks of the default process group. Its backward sums the
+    gradients the same way: every rank's share of the statistics feeds every rank's loss.
+    (torch.distributed.nn.functional.all_reduce does this too, but is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor,

@@ -36,9 +36,10 @@ statistics mix positions). ``hidden_dropout`` is the reference's rate on V and o
 hidden activations (its LRA runs: 0; None = ``dropout``). "syncbatchnorm" takes the batch
 statistics over every rank of a data-parallel run (its Path-X run, on 8 GPUs).
 
-Weight decay: the reference decays every parameter; here kappa, mu and the biases are not
-decayed, and the EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay
-(pass ``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
+Weight decay: the reference decays every parameter; here kappa, mu, the biases and the
+relative bias (the simple table, the rotary alpha and beta: vectors) are not decayed, and the
+EMA's alpha, delta, beta train at the optimiser's ``ssm_lr`` without decay (pass
+``MultiHeadEMA(lr=...)``, or set ``train.ssm_lr`` = ``train.lr``, for one lr).
 
 Decoding (causal): ``initial_state`` / ``step`` keep the EMA state (d_model x n_dims) and the
 attention cache of the pattern (chunk: the current chunk only), so memory is constant.

@@ -285,7 +285,7 @@ def test_model_options_name_a_variant_of_a_model():
         "mega-chunk", {"mega_attention_fn": "laplace", "mega_hidden_dropout": 0})
     cfg = model_config("mega-chunk:position=rotary:mega_norm=rmsnorm", SHAPE)
     assert (cfg.position, cfg.mega_norm, cfg.d_model) == ("rotary", "rmsnorm", 32)
-    for bad, match in (("mega-chunk:laplace", "must be FIELD=VALUE"),
+    for bad, match in (("mega-chunk:laplace", r"must be NAME\[:FIELD=VALUE"),
                        ("mega-chunk:colour=red", "must be FIELD=VALUE"),
                        ("mega-chunk:d_model=64", "d_model is part of the shape")):
         with pytest.raises(ValueError, match=match):
@@ -315,12 +315,28 @@ def test_bench_runs_model_variants_and_names_them(tmp_path, capsys):
                                        "mega_norm='batchnorm' needs causal=False"),
     ("transformer-chunk:mega_attention_fn=laplace", "only used with block='mega'"),
     ("mega-chunk,mega-chunk", "must not repeat"),
+    ("mega-chunk:position=[", "its value is not valid YAML"),
+    ("mega-chunk:position=rotary:position=simple", "'position' appears twice"),
+    ("s4:ssm_options={d_state: 4}", "d_state is part of the shape"),
 ])
 def test_bad_model_variants_fail_before_anything_runs(tmp_path, capsys, models, match):
     assert main(["bench", "train", "--lengths", "64", "--models", models, "--peak-size", "64",
                  "--out", str(tmp_path / "bad"), *TINY]) == 2
     assert match in capsys.readouterr().err
-    assert not (tmp_path / "bad" / "train.csv").exists()
+    assert not (tmp_path / "bad").exists()  # nothing measured, nothing written
+
+
+def test_model_option_values_may_hold_colons_and_commas():
+    from spadeformer.bench.cli import _name_list
+
+    specs = _name_list("s4:ssm_options={trainable: false, lr: 0.01}:dropout=0.1,mega-chunk")
+    assert specs == ["s4:ssm_options={trainable: false, lr: 0.01}:dropout=0.1", "mega-chunk"]
+    name, options = split_model(specs[0])
+    assert (name, options) == ("s4", {"ssm_options": {"trainable": False, "lr": 0.01},
+                                      "dropout": 0.1})
+    cfg = model_config(specs[0], SHAPE)  # added to the bench's own S4 options
+    assert cfg.ssm_options == {"d_state": 8, "trainable": False, "lr": 0.01}
+    assert model_config("mega-chunk:position=none", SHAPE).position == "none"
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -354,13 +370,16 @@ def test_attention_pairs_edge_cases():
     assert attention_pairs("chunk", 100, 16, 16) == 7 * 16 * 17 // 2
     assert attention_pairs("eager", 5, 1, 1) == 25
     assert attention_pairs("chunk", 100, 16, 16, with_bias=True) == 7 * 16 * 16  # whole blocks
-    with pytest.raises(ValueError, match="with_bias is modelled for kind='chunk' only"):
-        attention_pairs("window", 100, 16, 16, with_bias=True)
+    # a bias makes every pair of the blocks count (a dense mask, no causal skipping)
+    assert attention_pairs("window", 100, 16, 16, with_bias=True) == 7 * 16 * 32
+    assert attention_pairs("window", 10, 16, 16, with_bias=True) == 10 * 19
+    assert attention_pairs("full", 100, 16, 16, batch=2, with_bias=True) == 2 * 100 * 100
     with pytest.raises(ValueError, match="kind must be one of"):
         attention_pairs("dense", 5, 1, 1)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "mega-chunk:attention=window",
+                                  "mega-chunk:attention=full"])
 def test_flops_match_the_matmuls_the_model_runs(name, monkeypatch):
     """Count every F.linear, SDPA / CPU flash call and eager einsum of a real forward pass."""
     shape = BenchShape(d_model=32, n_layers=2, n_heads=2, d_state=8, window_size=16,

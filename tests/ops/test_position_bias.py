@@ -184,6 +184,11 @@ def test_rotary_bias_stays_exact_far_out_and_under_autocast():
     # decoding at position 60k: fp32 angles of 60k would be off by ~4e-3 rad; only k - q counts
     far = bias(torch.arange(60_000, 60_004), torch.arange(59_996, 60_004))
     torch.testing.assert_close(far, near, rtol=1e-6, atol=1e-6)
+    # far offsets too (full attention at 60k): the turns are computed in fp64
+    q_pos, k_pos = torch.tensor([60_003]), torch.arange(0, 60_004, 997)
+    torch.testing.assert_close(bias(q_pos, k_pos)[0].double(),
+                               _rotary_by_the_offset(bias, k_pos - q_pos[:, None]),
+                               rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = bias(torch.arange(4), torch.arange(-4, 4))
     assert auto.dtype == torch.float32
@@ -197,5 +202,6 @@ def test_rotary_bias_errors():
         RotaryRelativeBias(7)
     with pytest.raises(ValueError, match="dim must be an integer >= 2"):
         RotaryRelativeBias(0)
-    with pytest.raises(ValueError, match="base must be a number > 1"):
-        RotaryRelativeBias(8, base=1.0)
+    for base in (1.0, float("inf")):
+        with pytest.raises(ValueError, match="base must be a finite number > 1"):
+            RotaryRelativeBias(8, base=base)

@@ -31,6 +31,13 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, padding, w
 
 
+def all_but_rank0_padded() -> torch.Tensor:
+    """Padding (4, 6): rank 0's two rows as in global_batch, rank 1's rows all padding."""
+    padding = global_batch()[1].clone()
+    padding[2:] = True
+    return padding
+
+
 def make_norm() -> MaskedBatchNorm:
     norm = MaskedBatchNorm(8, sync=True).double()
     g = torch.Generator().manual_seed(1)
@@ -80,9 +87,13 @@ def main() -> None:
     (y * w[half]).sum().backward()
     local = MaskedBatchNorm(8, sync=False).double().train()
     local.load_state_dict(make_norm().state_dict())
+    # rank 1 holds only padding: it still takes part in the sums (0 tokens, 0 sum)
+    x_pad = x.detach().clone().requires_grad_(True)
+    (make_norm().train()(x_pad, all_but_rank0_padded()[half]) * w[half]).sum().backward()
     torch.save({"y": y.detach(), "x_grad": x.grad, "weight_grad": norm.weight.grad,
                 "bias_grad": norm.bias.grad, "running_mean": norm.running_mean,
-                "running_var": norm.running_var, "y_local": local(x.detach(), padding[half])},
+                "running_var": norm.running_var, "y_local": local(x.detach(), padding[half]),
+                "x_grad_rank1_padded": x_pad.grad},
                Path(args.out) / f"rank{info.rank}.pt")
 
     model = mega_classifier()

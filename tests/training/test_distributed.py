@@ -121,6 +121,7 @@ def test_synchronised_batch_norm_over_two_ranks_equals_one_batch(tmp_path, monke
     normalising the whole batch; per-process statistics (sync=False) differ. A DDP Mega
     classifier with mega_norm="syncbatchnorm" trains to the weights of one process."""
     from sync_norm_worker import (
+        all_but_rank0_padded,
         classifier_batch,
         global_batch,
         make_norm,
@@ -153,6 +154,9 @@ def test_synchronised_batch_norm_over_two_ranks_equals_one_batch(tmp_path, monke
     for name in ("weight_grad", "bias_grad"):  # each rank's share; DDP would average them
         torch.testing.assert_close(ranks[0][name] + ranks[1][name],
                                    getattr(norm, name.removesuffix("_grad")).grad)
+    x_pad = x.detach().clone().requires_grad_(True)  # a rank with no real token
+    (make_norm().train()(x_pad, all_but_rank0_padded()) * w).sum().backward()
+    torch.testing.assert_close(torch.cat([r["x_grad_rank1_padded"] for r in ranks]), x_pad.grad)
 
     model = mega_classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -45,7 +45,17 @@ def _int_list(text: str) -> list[int]:
 
 
 def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+    """Comma-separated names; commas inside [] or {} (a model option's list / dict value)
+    do not split."""
+    names, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth <= 0:
+            names.append(current)
+            current = ""
+        else:
+            current += ch
+    return [v.strip() for v in [*names, current] if v.strip()]
 
 
 def _memory(text: str) -> str | float:
@@ -223,7 +233,8 @@ def _process_malloc() -> str:
     return "reuse freed memory" if reuse_freed_memory() else "system"
 
 
-def _setup(args: argparse.Namespace):
+def _setup(args: argparse.Namespace, models: list[str], length: int):
+    """Check the common flags and every model, then make the output folder."""
     import torch
 
     from spadeformer.bench.machine import available_memory_mb
@@ -238,6 +249,7 @@ def _setup(args: argparse.Namespace):
     shape = BenchShape(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                        d_ff=args.d_ff, d_state=args.d_state, window_size=args.window,
                        chunk_size=args.chunk, batch_size=args.batch, vocab_size=args.vocab)
+    _check_configs(models, shape, length)
     if args.threads:
         torch.set_num_threads(args.threads)
     mem = args.max_memory_mb
@@ -262,14 +274,14 @@ def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str) -> None
 
 
 # --------------------------------------------------------------------------------- handlers
-def _check_configs(models: list[str], shape) -> None:
-    """Build every model's config before anything is timed: a bad NAME:FIELD=VALUE fails
-    here, named, instead of as a failed cell."""
-    from spadeformer.bench.train_bench import model_config
+def _check_configs(models: list[str], shape, length: int) -> None:
+    """Build every model's config (and its FLOP count) before anything is timed or written:
+    a bad NAME:FIELD=VALUE fails here, named, instead of as a failed cell."""
+    from spadeformer.bench.train_bench import train_flops
 
     for spec in models:
         try:
-            model_config(spec, shape)
+            train_flops(spec, shape, length)
         except (TypeError, ValueError) as err:
             raise ValueError(f"model {spec!r}: {err}") from None
 
@@ -291,11 +303,11 @@ def bench_train(args: argparse.Namespace) -> int:
     if args.profile:
         model, _, length = args.profile.partition("@")
         if not length.isdigit() or tb.split_model(model)[0] not in tb.MODELS:
-            raise ValueError(f"--profile must be MODEL@LENGTH with MODEL in {list(tb.MODELS)}, "
-                             f"got {args.profile!r}")
+            raise ValueError(f"--profile must be MODEL@LENGTH with MODEL in {list(tb.MODELS)} "
+                             f"(optionally MODEL:FIELD=VALUE...), got {args.profile!r}")
         profile = (model, int(length))
-    shape, mem, out = _setup(args)
-    _check_configs([*args.models, *([profile[0]] if profile else [])], shape)
+    shape, mem, out = _setup(args, [*args.models, *([profile[0]] if profile else [])],
+                             min(args.lengths))
     device = bm.resolve_device(args.device)
     machine = _machine()
     _say(f"bench train: {len(args.models)} models x {len(args.lengths)} lengths, "
@@ -342,7 +354,8 @@ def bench_train(args: argparse.Namespace) -> int:
                        deadline=time.time() + args.max_seconds)
         res = bm.run_subprocess("spadeformer.bench.train_bench", payload,
                                 timeout=args.max_seconds + 10, log=_say)
-        path = out / f"profile_{model}_{length}.txt"
+        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in model)
+        path = out / f"profile_{safe}_{length}.txt"
         if res.get("status") == "ok":
             path.write_text(res["text"] + "\n")
             _say(f"profile: {path}")
@@ -359,8 +372,7 @@ def bench_generate(args: argparse.Namespace) -> int:
     gb.check_models(args.models, gb.GENERATE_MODELS)
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
-    shape, mem, out = _setup(args)
-    _check_configs(args.models, shape)
+    shape, mem, out = _setup(args, args.models, min(args.contexts))
     device = gb.resolve_device(args.device)
     machine = _machine()
     _say(f"bench generate: {args.models} at contexts {args.contexts}, shape {shape}, "

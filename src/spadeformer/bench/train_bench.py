@@ -45,6 +45,7 @@ import argparse
 import json
 import math
 import random
+import re
 import statistics
 import sys
 import time
@@ -149,15 +150,18 @@ _SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "window
 def split_model(spec: str) -> tuple[str, dict[str, Any]]:
     """A model of the benchmark, optionally with SpadeConfig fields of its own:
     ``NAME[:FIELD=VALUE[:FIELD=VALUE...]]`` -> (NAME, {FIELD: VALUE}), values read as YAML
-    (``mega-chunk:mega_attention_fn=laplace:position=rotary``). The whole spec names the model
-    in the CSV, tables and plot. The shape's fields (width, depth, heads, sizes) stay the
-    flags', the same for every model."""
+    (``mega-chunk:mega_attention_fn=laplace:position=rotary``; a ':' splits only before the next
+    ``FIELD=``, so ``s4:ssm_options={n_dims: 4}`` works). The whole spec names the model in the
+    CSV, tables and plot. The shape's fields (width, depth, heads, sizes) stay the flags', the
+    same for every model; ``ssm_options`` are added to the bench's (S4's d_state)."""
     import dataclasses
+
+    import yaml
 
     from spadeformer.config import SpadeConfig
     from spadeformer.runconfig import _parse_value
 
-    name, *options = spec.split(":")
+    name, *options = re.split(r":(?=[A-Za-z_]\w*=)", spec)
     fields = {f.name for f in dataclasses.fields(SpadeConfig)}
     overrides: dict[str, Any] = {}
     for option in options:
@@ -168,7 +172,16 @@ def split_model(spec: str) -> tuple[str, dict[str, Any]]:
         if key in _SHAPE_FIELDS:
             raise ValueError(f"model option {option!r} of {spec!r}: {key} is part of the "
                              "shape every model shares; set it with the command's flags")
-        overrides[key] = _parse_value(raw)
+        if key in overrides:
+            raise ValueError(f"model option {key!r} appears twice in {spec!r}")
+        try:
+            overrides[key] = _parse_value(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"model option {option!r} of {spec!r}: its value is not valid "
+                             f"YAML ({' '.join(str(err).split())})") from None
+    if ":" in name or "=" in name:
+        raise ValueError(f"model {spec!r} must be NAME[:FIELD=VALUE...], e.g. "
+                         "mega-chunk:position=rotary")
     return name, overrides
 
 
@@ -204,6 +217,11 @@ def model_config(spec: str, shape: BenchShape):
     elif system.startswith("spade-"):
         # SPADE freezes S4 at its HiPPO initialisation (paper Sec. 4.2, Eq. 5).
         overrides["ssm_options"] = {"d_state": shape.d_state, "trainable": False}
+    if isinstance(options.get("ssm_options"), dict):
+        if "d_state" in options["ssm_options"]:
+            raise ValueError(f"model {spec!r}: d_state is part of the shape every model shares; "
+                             "set it with --d-state")
+        options["ssm_options"] = {**overrides.get("ssm_options", {}), **options["ssm_options"]}
     return SpadeConfig.from_preset(system, "tiny", **{**overrides, **options})
 
 
@@ -237,22 +255,24 @@ def attention_pairs(
     * window, L <= w (the generic blocked kernel of ``ops.local_attn``): one block of L
       queries against L + (L - 1) keys per sequence;
     * chunk: ceil(L / c) causal blocks of c = min(chunk, L) per sequence: c (c + 1) / 2 pairs
-      each; ``with_bias`` (an additive position bias, Mega's): c^2 each, since SDPA then takes
-      the causal mask as a dense block mask and computes the whole block.
+      each.
+    ``with_bias`` (an additive position bias, Mega's): SDPA then takes the causal mask as a
+    dense mask and computes every pair of its blocks: full L^2, chunk c^2 per block, window
+    (the generic blocked kernel) ceil(L / w) blocks of w queries against 2w keys per sequence.
     Ragged last blocks are padded and computed too. The window and chunk counts follow the CPU
     kernels; on CUDA the FlexAttention kernel computes the 128 x 128 tiles its block mask
     keeps instead, which these counts do not model.
     """
     L = length
-    if with_bias and kind != "chunk":
-        raise ValueError(f"with_bias is modelled for kind='chunk' only, got kind={kind!r}")
     if kind == "eager":
         return batch * L * L
     if kind == "full":
-        return batch * L * (L + 1) // 2
+        return batch * L * L if with_bias else batch * L * (L + 1) // 2
     if kind == "window":
         if L > window_size:
             w = window_size
+            if with_bias:
+                return batch * math.ceil(L / w) * w * 2 * w
             return (batch * math.ceil(L / w) - 1) * w * 2 * w + batch * w * (w + 1) // 2
         return batch * L * (2 * L - 1)
     if kind == "chunk":

@@ -10,9 +10,9 @@ bias never exists as an (L, L) or (block, band) tensor.
 Scope, checked by :func:`flex_supports` (anything else goes to the SDPA path):
 
 * no dropout (flex has none);
-* bias: none, or a translation-invariant callable that does not need the query (T5): it is
-  tabulated once per call over the relative offsets the pattern can reach, and ``score_mod``
-  indexes the table (gradients reach the bias parameters through the table);
+* bias: none, or a translation-invariant callable that does not need the query (T5, Mega's
+  simple / rotary): it is tabulated once per call over the relative offsets the pattern can
+  reach, and ``score_mod`` indexes the table (gradients reach the bias parameters through it);
 * fully masked query rows give zeros, as in :func:`spadeformer.ops.local_attn.attention_ref`.
 
 On CUDA the kernel is ``torch.compile(flex_attention)``. On CPU the *uncompiled* function runs
@@ -81,7 +81,7 @@ def pick_backend(backend: str, q: torch.Tensor, bias: object, dropout_p: float) 
         if not flex_supports(bias, dropout_p):
             raise ValueError(
                 "backend='flex' needs FlexAttention (PyTorch >= 2.5), dropout_p=0 and a bias "
-                "that is None or translation-invariant without the query (T5); got "
+                "that is None or translation-invariant without the query (T5, Mega's); got "
                 f"dropout_p={dropout_p}, bias={type(bias).__name__}"
             )
         return "flex"

@@ -23,8 +23,9 @@ Additive bias (``bias=``), added to the scaled scores q.k / sqrt(d) before the s
   block axis). The fast paths only ask for the blocks they compute, and key positions may lie
   outside [0, L) (they are masked afterwards), so the callable must accept any integer.
   Optional attributes refine the protocol:
-    - ``translation_invariant = True``: the bias depends on k_pos - q_pos only (T5, Shaw), so
-      the fast paths call it once with 1-D positions of one block and share it by all blocks;
+    - ``translation_invariant = True``: the bias depends on k_pos - q_pos only (T5, Shaw,
+      Mega's), so the fast paths call it once with 1-D positions of one block and share it by
+      all blocks;
     - ``needs_query = True``: the bias also depends on the query (Shaw et al. 2018); it is
       called as ``bias(q_pos, k_pos, q=q_block)`` with q_block (batch, heads, ..., Lq, d) and
       returns (batch, heads, ..., Lq, Lk). See :mod:`spadeformer.ops.position_bias`.
