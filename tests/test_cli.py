@@ -79,11 +79,51 @@ def test_resume_refuses_and_continues(tmp_path, corpus_root, capsys):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), f"data.root={corpus_root}", *TINY]
     assert main([*args, "train.steps=10"]) == 0
+    assert "no --config: the built-in defaults, data.name='stdlib' with train.steps=10" in (
+        capsys.readouterr().err)
     assert main(args) == 2  # a second fresh start into the same run dir is refused
     assert "resume" in capsys.readouterr().err
     with pytest.warns(UserWarning, match=r"changed settings \['steps'\]"):
         assert main([*args, "--resume"]) == 0
-    assert json.loads(capsys.readouterr().out)["step"] == 20
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["step"] == 20
+    assert f"resuming {run} at step 10 of train.steps=20" in captured.err
+    assert main(["train", "--resume", *TINY]) == 2
+    assert "--resume continues the run in --out DIR: pass --out" in capsys.readouterr().err
+
+
+def test_relative_data_paths_are_saved_absolute(tmp_path, corpus_root, capsys, monkeypatch):
+    """eval and resume read the run's saved data paths from any working directory."""
+    import yaml
+
+    monkeypatch.chdir(corpus_root.parent)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), f"data.root={corpus_root.name}", *TINY,
+                 "train.steps=2"]) == 0
+    saved = yaml.safe_load((run / "run_config.yaml").read_text())["data"]
+    assert saved["root"] == str(corpus_root)
+    monkeypatch.chdir(tmp_path.parent)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--split", "val", "--max-batches", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "val"
+
+
+def test_version_and_one_line_warnings(capsys, monkeypatch):
+    import warnings
+
+    from spadeformer import __version__
+    from spadeformer.cli import console_main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"spadeformer {__version__}"
+    with warnings.catch_warnings():  # puts warnings.showwarning back afterwards
+        monkeypatch.setattr("sys.argv", ["spadeformer", "--version"])
+        with pytest.raises(SystemExit):
+            console_main()
+        warnings.simplefilter("always")
+        warnings.warn("resuming with changed settings", stacklevel=1)
+    assert capsys.readouterr().err == "spadeformer: warning: resuming with changed settings\n"
 
 
 def _metrics_without_timing(run):

@@ -38,13 +38,16 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     from spadeformer.tasks import get_task
     from spadeformer.training.trainer import TrainConfig, Trainer, seed_everything
 
-    saved = _saved_run_config(out) if resume and out is not None else None
+    if resume and out is None:
+        raise ValueError("--resume continues the run in --out DIR: pass --out")
+    saved = _saved_run_config(out) if resume else None
     if config is None and saved is not None:
         base = {k: dict(saved[k]) for k in ("model", "data", "train")}
         base["model"].pop("init_from", None)  # a record of how the run started, not a setting
         cfg = load_run_config(None, overrides, base=base)
     else:
         cfg = load_run_config(config, overrides)
+    cfg["data"] = _absolute_data_paths(cfg["data"])
     source = get_task(cfg["data"])
     task = source.task
     model_section = dict(cfg["model"])
@@ -70,6 +73,9 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         raise ValueError(f"in the train section (train.*): {err}") from err
     if saved is not None:
         _check_same_run(out, saved, model_config.to_dict(), cfg["data"], config is not None)
+    if config is None and saved is None and _is_rank_zero():
+        _say(f"no --config: the built-in defaults, data.name={cfg['data'].get('name')!r} with "
+             f"train.steps={train_config.steps} (configs/README.md lists the presets)")
 
     if out is None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -94,6 +100,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     # PadCollate for the LRA sources (pads, adds padding_mask[_1/_2]); None = stack LM blocks.
     trainer = Trainer(model, source.dataset("train"), source.dataset("val"), train_config,
                       out_dir, resume=resume, collate_fn=source.collate_fn)
+    if resume and main_process:
+        _say(f"resuming {out_dir} at step {trainer.step} of train.steps={train_config.steps}")
     if main_process:  # only once the Trainer accepted the run dir (a refusal leaves it alone)
         # the file is a run config itself: `train --config run_config.yaml` repeats the run
         resolved = {"model": model_config.to_dict(), "data": cfg["data"],
@@ -114,6 +122,17 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
         model.save_pretrained(out_dir / MODEL_DIR)
         _plot_curves(out_dir)
     return metrics
+
+
+def _absolute_data_paths(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its folder / file options made absolute, so the saved run config still
+    finds the data from another working directory (eval, resume)."""
+    data = dict(data)
+    for key in ("path", "root", "vocab_path", "cache_dir"):
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            data[key] = os.path.abspath(os.path.expanduser(value))
+    return data
 
 
 def _check_run_dir(out_dir: Path, resume: bool) -> None:
@@ -382,17 +401,22 @@ def _say(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spadeformer import __version__
+
     parser = argparse.ArgumentParser(
         prog="spadeformer",
         description="SPADE (State Space Augmented Transformer): train, evaluate, generate, "
                     "benchmark and prepare data.")
+    parser.add_argument("--version", action="version", version=f"spadeformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model from a YAML preset",
                        formatter_class=HelpFormatter,
                        description="Train from --config FILE plus dotted key=value overrides, "
                                    "e.g. `train.steps=100 model.window_size=64`.")
-    p.add_argument("--config", help="YAML run config (sections model, data, train)")
+    p.add_argument("--config", help="YAML run config (sections model, data, train); without "
+                                    "it the built-in defaults: a byte LM on the Python "
+                                    "standard library, 1000 steps")
     p.add_argument("--out", help="run directory (default: runs/<config>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly where its last checkpoint stopped")
@@ -479,5 +503,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console_main() -> int:
+    """The ``spadeformer`` command: :func:`main`, with each warning shown as one line
+    (``spadeformer: warning: ...``) rather than Python's file:line and source echo."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"spadeformer: warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

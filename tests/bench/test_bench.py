@@ -566,3 +566,14 @@ def test_a_subprocess_peak_memory_is_its_own():
                                  check=True).stdout)
     del big
     assert parent > 1024 and child < parent - 512, (parent, child)
+
+
+def test_no_plot_removes_a_stale_plot(tmp_path, capsys):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "train.png").write_bytes(b"an earlier run's plot")
+    assert main(["bench", "train", "--lengths", "32", "--models", "s4", "--repeats", "1",
+                 "--warmup", "0", "--peak-size", "32", "--peak-repeats", "1", "--in-process",
+                 "--no-plot", "--out", str(out), *TINY]) == 0
+    assert not (out / "train.png").exists()
+    assert "removed the old train.png" in capsys.readouterr().err

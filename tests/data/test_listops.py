@@ -258,3 +258,13 @@ def test_collate_pads_to_batch_max_and_marks_padding(tmp_path):
     assert fixed["input_ids"].shape == (2, 10) and fixed["padding_mask"][1, 7:].all()
     with pytest.raises(ValueError, match="length=5 is shorter than the longest"):
         PadCollate(length=5)([ds[0], ds[1]])
+
+
+def test_existing_files_are_refused_unless_overwrite(tmp_path):
+    kw = dict(n_train=4, n_val=1, n_test=1, min_length=10, max_length=40, progress=False)
+    first = generate_listops(tmp_path, seed=1, **kw)["train"].read_text()
+    with pytest.raises(FileExistsError, match="already holds ListOps files.*--overwrite"):
+        generate_listops(tmp_path, seed=2, **kw)
+    assert (tmp_path / "basic_train.tsv").read_text() == first  # untouched
+    again = generate_listops(tmp_path, seed=2, overwrite=True, **kw)["train"].read_text()
+    assert again != first

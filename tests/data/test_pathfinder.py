@@ -265,3 +265,14 @@ def test_preset_matches_release_parameters():
     assert p128.margins == (2, 3)
     assert (p128.continuity, p128.seed_distance, p128.marker_radius) == (1.8, 20, 3)
     assert p128.n_distractors == math.ceil(35 / (14 / 3))
+
+
+def test_an_existing_data_set_is_refused_or_replaced_whole(tmp_path):
+    generate_pathfinder(tmp_path, size=32, count=6, seed=1, images_per_batch=2, progress=False)
+    with pytest.raises(FileExistsError, match=r"already holds a data set \(imgs/, metadata/\)"):
+        generate_pathfinder(tmp_path, size=32, count=2, seed=2, progress=False)
+    assert len(list((tmp_path / "imgs").rglob("*.png"))) == 6  # untouched
+    generate_pathfinder(tmp_path, size=32, count=2, seed=2, images_per_batch=2, progress=False,
+                        overwrite=True)
+    assert len(list((tmp_path / "imgs").rglob("*.png"))) == 2  # no stale images left
+    assert [p.name for p in (tmp_path / "metadata").iterdir()] == ["0.npy"]

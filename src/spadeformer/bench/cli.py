@@ -262,9 +262,18 @@ def _setup(args: argparse.Namespace, models: list[str], length: int):
     return shape, float(mem), out
 
 
-def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str,
+          enabled: bool = True) -> None:
+    """Draw the PNG; an older one in the folder goes first either way (it would not match
+    the new CSV)."""
     from spadeformer.bench import plots
 
+    if path.exists():
+        path.unlink()
+        if not enabled:
+            _say(f"removed the old {path.name}: --no-plot, and it showed an earlier run")
+    if not enabled:
+        return
     try:
         getattr(plots, f"plot_{kind}")(rows, path, title=title)
         _say(f"plot: {path}")
@@ -343,10 +352,9 @@ def bench_train(args: argparse.Namespace) -> int:
                    memory_budget_mb=mem, device=str(device), malloc=timing_malloc,
                    malloc_memory_cells="system" if separate_memory_cells else timing_malloc)
     (out / "train_machine.json").write_text(json.dumps(machine, indent=2) + "\n")
-    if not args.no_plot:
-        _plot("train", rows, out / "train.png",
-              f"training step, d={shape.d_model}, {shape.n_layers} layers, batch "
-              f"{shape.batch_size}, {device} ({machine.get('cpu', '')})")
+    _plot("train", rows, out / "train.png",
+          f"training step, d={shape.d_model}, {shape.n_layers} layers, batch "
+          f"{shape.batch_size}, {device} ({machine.get('cpu', '')})", enabled=not args.no_plot)
     if profile is not None:
         model, length = profile
         payload = dict(mode="profile", model=model, length=length, shape=asdict(shape),
@@ -390,8 +398,7 @@ def bench_generate(args: argparse.Namespace) -> int:
                    # the per-model subprocesses keep the system malloc (generate_bench)
                    malloc=_process_malloc() if args.in_process else "system")
     (out / "generate_machine.json").write_text(json.dumps(machine, indent=2) + "\n")
-    if not args.no_plot:
-        _plot("generate", rows, out / "generate.png",
-              f"decoding, d={shape.d_model}, {shape.n_layers} layers, batch "
-              f"{shape.batch_size}, {device} ({machine.get('cpu', '')})")
+    _plot("generate", rows, out / "generate.png",
+          f"decoding, d={shape.d_model}, {shape.n_layers} layers, batch "
+          f"{shape.batch_size}, {device} ({machine.get('cpu', '')})", enabled=not args.no_plot)
     return 0 if any(r["status"] == "ok" for r in rows) else 1

@@ -42,6 +42,7 @@ FLOPs are counted analytically (:func:`train_flops`), see its docstring for the 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import random
@@ -167,11 +168,16 @@ def split_model(spec: str) -> tuple[str, dict[str, Any]]:
     for option in options:
         key, eq, raw = option.partition("=")
         if not eq or key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close and eq else ""
             raise ValueError(f"model option {option!r} of {spec!r} must be FIELD=VALUE with "
-                             f"FIELD a SpadeConfig field, e.g. mega-chunk:position=rotary")
+                             f"FIELD a SpadeConfig field{hint}, e.g. mega-chunk:position=rotary")
         if key in _SHAPE_FIELDS:
             raise ValueError(f"model option {option!r} of {spec!r}: {key} is part of the "
                              "shape every model shares; set it with the command's flags")
+        if key == "causal":
+            raise ValueError(f"model option {option!r} of {spec!r}: the benchmark times a "
+                             "causal LM's training step, so causal stays True")
         if key in overrides:
             raise ValueError(f"model option {key!r} appears twice in {spec!r}")
         try:
@@ -189,8 +195,10 @@ def check_models(models: list[str], allowed: tuple[str, ...] = MODELS) -> list[s
     """``models`` (specs, see :func:`split_model`) if every name is in ``allowed``."""
     bad = [m for m in models if split_model(m)[0] not in allowed]
     if bad or not models:
+        close = [c for m in bad for c in difflib.get_close_matches(split_model(m)[0], allowed, 1)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"models must be a non-empty list from {list(allowed)} (each "
-                         f"optionally NAME:FIELD=VALUE...), got {bad or models}")
+                         f"optionally NAME:FIELD=VALUE...), got {bad or models}{hint}")
     if len(set(models)) != len(models):
         raise ValueError(f"models must not repeat, got {models}")
     return list(models)

@@ -15,7 +15,7 @@ def _listops(args: argparse.Namespace) -> int:
 
     paths = generate_listops(args.out, n_train=args.train, n_val=args.val, n_test=args.test,
                              seed=args.seed, min_length=args.min_length,
-                             max_length=args.max_length)
+                             max_length=args.max_length, overwrite=args.overwrite)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
@@ -23,7 +23,8 @@ def _listops(args: argparse.Namespace) -> int:
 def _pathfinder(args: argparse.Namespace) -> int:
     from spadeformer.data.pathfinder import generate_pathfinder
 
-    result = generate_pathfinder(args.out, size=args.size, count=args.count, seed=args.seed)
+    result = generate_pathfinder(args.out, size=args.size, count=args.count, seed=args.seed,
+                                 overwrite=args.overwrite)
     print(json.dumps({"root": str(result["root"]), "count": result["count"],
                       "metadata_files": len(result["metadata"])}, indent=2))
     return 0
@@ -47,6 +48,8 @@ def add_data_parser(sub) -> None:
     q.add_argument("--max-length", type=int, default=2_000,
                    help="keep expressions shorter than this many tokens, brackets not counted "
                         "(a line holds up to ~2.8x as many with its brackets)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the ListOps files already in --out (else refused)")
     q.set_defaults(handler=_listops)
 
     q = kinds.add_parser("pathfinder", help="Pathfinder (32x32) or Path-X (128x128) images",
@@ -57,4 +60,6 @@ def add_data_parser(sub) -> None:
     q.add_argument("--count", type=int, default=200_000,
                    help="number of images (~300 per second on a 2-core CPU)")
     q.add_argument("--seed", type=int, default=0, help="generator seed")
+    q.add_argument("--overwrite", action="store_true",
+                   help="delete the imgs/ and metadata/ already in --out first (else refused)")
     q.set_defaults(handler=_pathfinder)

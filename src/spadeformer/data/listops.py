@@ -237,6 +237,7 @@ def generate_listops(
     max_args: int = 10,
     task_name: str = "basic",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Generate the LRA ListOps data set and write ``<task_name>_{train,val,test}.tsv``.
 
@@ -252,10 +253,16 @@ def generate_listops(
         max_args: maximum number of arguments of an operator, at least 2 (release: 10).
         task_name: file prefix (release: ``basic``).
         progress: show a tqdm progress bar.
+        overwrite: replace existing ``<task_name>_*.tsv`` files (else they are refused, before
+            anything is generated: a run may be reading them).
 
     Returns:
         ``{"train": path, "val": path, "test": path}``.
     """
+    existing = sorted(str(p) for p in Path(out_dir).glob(f"{task_name}_*.tsv"))
+    if existing and not overwrite:
+        raise FileExistsError(f"{str(out_dir)!r} already holds ListOps files {existing}: pass "
+                              "overwrite=True (--overwrite) to replace them, or another folder")
     for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")

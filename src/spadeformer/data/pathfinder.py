@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -531,6 +532,7 @@ def generate_pathfinder(
     images_per_batch: int = 1000,
     params: PathfinderParams | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, object]:
     """Generate a Pathfinder (size 32) or Path-X (size 128) data set in the release layout.
 
@@ -544,6 +546,8 @@ def generate_pathfinder(
         images_per_batch: images per ``imgs/<batch>`` folder and ``metadata/<batch>.npy``.
         params: full geometry instead of the preset (its ``size`` must equal ``size``).
         progress: show a tqdm progress bar.
+        overwrite: delete an existing ``imgs/`` and ``metadata/`` first (else they are
+            refused: new files among old ones would mix two data sets).
 
     Returns:
         ``{"root": Path, "metadata": [Path, ...], "count": int, "params": dict}``.
@@ -558,6 +562,13 @@ def generate_pathfinder(
         raise ValueError(f"params.size={params.size} does not match size={size}")
     Image = import_pil()
     root = Path(out_dir)
+    old = [d for d in (root / "imgs", root / "metadata") if d.exists()]
+    if old and not overwrite:
+        held = ", ".join(f"{d.name}/" for d in old)
+        raise FileExistsError(f"{str(root)!r} already holds a data set ({held}): pass "
+                              "overwrite=True (--overwrite) to replace it, or another folder")
+    for d in old:
+        shutil.rmtree(d)
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     labels = np.random.default_rng(seed).permutation(np.arange(count) % 2)  # exactly balanced
     meta_paths: list[Path] = []

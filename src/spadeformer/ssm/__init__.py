@@ -50,7 +50,8 @@ def check_ssm_options(kind: str, options: dict[str, Any], name: str = "ssm_optio
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(
-                f"unknown {name} key {key!r} for ssm={kind!r}{hint} Valid keys: {valid}"
+                f"unknown {name} key {key!r} for ssm={kind!r}{hint}; valid keys: {valid} (a "
+                f"preset's options for another ssm: drop them, e.g. model.{name}=null)"
             )
 
 

@@ -139,7 +139,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         if not _is_int(self.warmup_steps) or not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be an integer in [0, steps={self.steps}], "
-                             f"got {self.warmup_steps!r}")
+                             f"got {self.warmup_steps!r} (a short trial of a preset: lower "
+                             "warmup_steps too, e.g. train.warmup_steps=0)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by "
                              f"grad_accum={self.grad_accum}")
