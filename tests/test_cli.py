@@ -106,6 +106,18 @@ def test_relative_data_paths_are_saved_absolute(tmp_path, corpus_root, capsys, m
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--split", "val", "--max-batches", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["split"] == "val"
+    # data moved since: eval takes data.* overrides (and nothing else)
+    from spadeformer.cli import _load_run
+
+    moved = corpus_root.rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    cfg, source, _ = _load_run(str(run), ["data.root=moved"])  # relative to the cwd
+    assert cfg["data"]["root"] == str(moved) and source.corpus.root == moved
+    assert main(["eval", "--run", str(run), "--split", "val", "--max-batches", "1",
+                 "data.root=moved"]) == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "val"
+    assert main(["eval", "--run", str(run), "model.d_model=64"]) == 2
+    assert "only data.* settings may change" in capsys.readouterr().err
 
 
 def test_version_and_one_line_warnings(capsys, monkeypatch):

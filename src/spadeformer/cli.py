@@ -240,8 +240,11 @@ def _plot_curves(out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- eval
-def _load_run(run: str):
+def _load_run(run: str, data_overrides: list[str] = ()):
+    """(run config, data source, model) of a finished run; ``data_overrides`` (``data.*``
+    only: the model is the run's) point it at moved data, e.g. ``data.path=/new/place``."""
     from spadeformer.config import SpadeConfig
+    from spadeformer.runconfig import apply_override
     from spadeformer.tasks import get_task
 
     run_dir = Path(run)
@@ -250,6 +253,12 @@ def _load_run(run: str):
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: {RUN_CONFIG} is "
                                 "missing (make one with `spadeformer train --out DIR`)")
     cfg = yaml.safe_load(cfg_path.read_text())
+    for override in data_overrides:
+        if not override.strip().startswith("data."):
+            raise ValueError(f"override {override!r}: eval scores the run's own model, so only "
+                             "data.* settings may change (e.g. data.path=DIR)")
+        apply_override(cfg, override)
+    cfg["data"] = _absolute_data_paths(cfg["data"])
     if not (run_dir / MODEL_DIR).is_dir() and (run_dir / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"{str(run_dir)!r} has checkpoints but no {MODEL_DIR}/: the model is exported when "
@@ -261,7 +270,8 @@ def _load_run(run: str):
 
 
 def evaluate(run: str, split: str = "test", max_batches: int | None = None,
-             batch_size: int | None = None, rouge: bool = False) -> dict[str, Any]:
+             batch_size: int | None = None, rouge: bool = False,
+             data_overrides: list[str] = ()) -> dict[str, Any]:
     """Metrics of a trained run on a split, with the task's baseline for comparison.
 
     Runs on CUDA when it is available, else on the CPU. A WikiText-103 run reports the
@@ -273,6 +283,7 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
     accuracy) is always the whole split's, also when ``max_batches`` scores only part of it.
     ``rouge`` (seq2seq runs): also generate greedy targets for the scored sources and report
     ROUGE-1 / 2 / L against the references (needs ``spadeformer[eval]``).
+    ``data_overrides``: ``data.*`` settings over the run's (moved data: ``data.path=DIR``).
     """
     from spadeformer.training.distributed import resolve_device
     from spadeformer.training.trainer import evaluate_model
@@ -281,7 +292,7 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             raise ValueError(f"{name} must be a positive integer (or omitted), got {value!r}")
-    cfg, source, model = _load_run(run)
+    cfg, source, model = _load_run(run, data_overrides)
     device = resolve_device("auto")  # a run trained on a GPU can be scored without one
     model.to(device)
     if hasattr(source, "perplexity"):  # word-level LM: perplexity, not bits per byte
@@ -439,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="evaluation batch size (default: the run's train.batch_size / "
                         "train.grad_accum; WikiText-103: windows per batch, default 1)")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="data settings over the run's, e.g. data.path=DIR for moved data")
 
     p = sub.add_parser("generate", help="stream a continuation of a prompt from a trained LM",
                        formatter_class=HelpFormatter,
@@ -486,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(metrics, indent=2))
         elif args.command == "eval":
             print(json.dumps(evaluate(args.run, args.split, args.max_batches, args.batch_size,
-                                      args.rouge),
+                                      args.rouge, args.overrides),
                              indent=2))
         elif args.command == "generate":
             generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature,
