@@ -352,3 +352,14 @@ def test_init_from_starts_a_fresh_run_from_saved_weights(tmp_path, corpus_root, 
     assert main([*base[:1], "--out", str(tmp_path / "c"), *base[1:],
                  f"model.init_from={tmp_path / 'nothing'}"]) == 2
     assert "holds no saved model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_compile_runs_spade_and_mega(tmp_path, corpus_root):
+    """train.compile=true with the S4 and EMA kernels (complex numbers, FFTs) and the blocked
+    attention: a real torch.compile on the CPU, minutes cold."""
+    for preset in ("spade-s4-window", "mega-chunk"):
+        extra = ["model.ssm_options=null"] if preset == "mega-chunk" else []
+        assert main(["train", "--out", str(tmp_path / preset), f"data.root={corpus_root}",
+                     *TINY, f"model.preset={preset}", *extra, "train.steps=3",
+                     "train.compile=true"]) == 0

@@ -447,3 +447,43 @@ def test_clip_norm_bounds_the_gradient_the_optimiser_sees(tmp_path, data, clip_n
         assert min(norms) > 1e-2  # unclipped gradients of a fresh model are far larger
     else:
         assert max(norms) <= clip_norm * (1 + 1e-4)
+
+
+def test_compile_wraps_the_training_forward_only(tmp_path, data, monkeypatch):
+    """train.compile: the training steps call torch.compile's module (a spy here); validation,
+    checkpoints and the caller's model stay the plain module."""
+    calls = {"train": 0, "eval": 0}
+
+    class Spy(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **batch):
+            calls["train" if self.module.training else "eval"] += 1
+            return self.module(**batch)
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or Spy(m))
+    model = TinyLM(dropout=0.0)
+    trainer = Trainer(model, *data, cfg(steps=3, grad_accum=2, eval_every=0, compile=True),
+                      tmp_path)
+    assert compiled == [model]  # one process: the module itself (DDP would wrap it first)
+    trainer.fit()
+    assert calls == {"train": 3 * 2, "eval": 0}  # every micro-batch; validation not compiled
+    state = CheckpointManager(tmp_path / "checkpoints").load(TinyLM(dropout=0.0))
+    assert state["step"] == 3  # the checkpoint holds the plain module's weights
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        cfg(compile="yes")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, data):
+    """A real torch.compile on the CPU (it compiles for about a minute): the same losses."""
+    losses = []
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        torch.manual_seed(0)
+        Trainer(TinyLM(dropout=0.0), *data, cfg(steps=4, compile=compile_), tmp_path / name
+                ).fit()
+        losses.append([r["loss"] for r in read_metrics(tmp_path / name)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
