@@ -283,6 +283,7 @@ def run_generate_bench(models: list[str], contexts: list[int], shape: BenchShape
     Contexts a model did not reach (time-out, out of memory) get a "skipped" row.
     """
     check_models(models, GENERATE_MODELS)
+    width = max(18, *map(len, models))  # the per-context log lines stay aligned
     if state_mode not in STATE_MODES:
         raise ValueError(f"state must be one of {list(STATE_MODES)}, got {state_mode!r}")
     dev = resolve_device(device)
@@ -313,7 +314,7 @@ def run_generate_bench(models: list[str], contexts: list[int], shape: BenchShape
             shown = (f"{row['median_ms']:.2f} ms/token  state {row['state_mb']:.3g}MB "
                      f"({row['state_mode']})" if row["status"] == "ok"
                      else f"{row['status']}: {row['note']}")
-            log(f"  context={row['context']:<7} {name:<18} {shown}")
+            log(f"  context={row['context']:<7} {name:<{width}} {shown}")
     return rows
 
 

@@ -694,6 +694,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
     ``min_seconds`` asks each model there for timed steps adding up to at least that long.
     """
     check_models(models)
+    width = max(18, *map(len, models))  # the per-cell log lines stay aligned
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     dev = resolve_device(device)
@@ -767,7 +768,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
         shown = (f"{result['median_s']:.3f}s  {result['peak_mem_mb']:.0f}MB"
                  if result.get("status") == "ok"
                  else f"{result.get('status')}: {result.get('note')}")
-        log(f"  L={length:<6} {name:<24} {shown}")
+        log(f"  L={length:<6} {name:<{width}} {shown}")
         if on_row is not None:
             on_row(rows_so_far())
 
@@ -797,7 +798,7 @@ def run_train_bench(models: list[str], lengths: list[int], shape: BenchShape, *,
                     if mem.get("status") != "ok":
                         record(round_, length, name, mem)
                     else:
-                        log(f"  L={length:<6} {name:<24} memory {mem['peak_mem_mb']:.0f}MB")
+                        log(f"  L={length:<6} {name:<{width}} memory {mem['peak_mem_mb']:.0f}MB")
                         runnable.append(name)
                 else:
                     runnable.append(name)
