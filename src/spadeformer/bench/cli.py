@@ -286,7 +286,7 @@ def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str,
 def _check_configs(models: list[str], shape, length: int) -> None:
     """Build every model's config (and its FLOP count) before anything is timed or written:
     a bad NAME:FIELD=VALUE fails here, named, instead of as a failed cell."""
-    from spadeformer.bench.train_bench import train_flops
+    from spadeformer.bench.models import train_flops
 
     for spec in models:
         try:

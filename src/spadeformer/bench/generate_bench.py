@@ -49,7 +49,7 @@ from spadeformer.bench.machine import (
     sync,
     warm_libraries,
 )
-from spadeformer.bench.train_bench import MODELS, BenchShape, build_model, check_models
+from spadeformer.bench.models import MODELS, BenchShape, build_model, check_models
 
 __all__ = [
     "GENERATE_COLUMNS",
