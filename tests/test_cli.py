@@ -118,6 +118,25 @@ def test_relative_data_paths_are_saved_absolute(tmp_path, corpus_root, capsys, m
     assert json.loads(capsys.readouterr().out)["split"] == "val"
     assert main(["eval", "--run", str(run), "model.d_model=64"]) == 2
     assert "only data.* settings may change" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run), "data.rooot=moved"]) == 2
+    assert "did you mean 'root'" in capsys.readouterr().err  # misspelled: named, not ignored
+    assert main(["eval", "--run", str(run), "data.name=listops"]) == 2
+    assert "eval cannot change it" in capsys.readouterr().err
+
+
+def test_resuming_a_run_saved_with_relative_paths_sees_no_change(tmp_path, corpus_root,
+                                                                 monkeypatch, recwarn):
+    """Runs saved before paths were made absolute: a plain --resume warns of nothing."""
+    monkeypatch.chdir(corpus_root.parent)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), f"data.root={corpus_root}", *TINY,
+                 "train.steps=2"]) == 0
+    saved = run / "run_config.yaml"
+    saved.write_text(saved.read_text().replace(str(corpus_root), corpus_root.name))
+    assert main(["train", "--out", str(run), "--resume", "train.steps=3"]) == 0
+    said = [str(w.message) for w in recwarn]
+    assert any("changed settings ['steps']" in m for m in said)
+    assert not any("data" in m for m in said), said
 
 
 def test_version_and_one_line_warnings(capsys, monkeypatch):

@@ -72,6 +72,8 @@ def train(config: str | None, overrides: list[str], out: str | None = None,
     except ValueError as err:  # its messages name fields; on the command line they are train.*
         raise ValueError(f"in the train section (train.*): {err}") from err
     if saved is not None:
+        # an older run may have saved relative paths: compare them made absolute too
+        saved = {**saved, "data": _absolute_data_paths(saved["data"])}
         _check_same_run(out, saved, model_config.to_dict(), cfg["data"], config is not None)
     if config is None and saved is None and _is_rank_zero():
         _say(f"no --config: the built-in defaults, data.name={cfg['data'].get('name')!r} with "
@@ -244,7 +246,7 @@ def _load_run(run: str, data_overrides: list[str] = ()):
     """(run config, data source, model) of a finished run; ``data_overrides`` (``data.*``
     only: the model is the run's) point it at moved data, e.g. ``data.path=/new/place``."""
     from spadeformer.config import SpadeConfig
-    from spadeformer.runconfig import apply_override
+    from spadeformer.runconfig import apply_override, validate_run_config
     from spadeformer.tasks import get_task
 
     run_dir = Path(run)
@@ -253,11 +255,16 @@ def _load_run(run: str, data_overrides: list[str] = ()):
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory: {RUN_CONFIG} is "
                                 "missing (make one with `spadeformer train --out DIR`)")
     cfg = yaml.safe_load(cfg_path.read_text())
+    name = cfg["data"].get("name")
     for override in data_overrides:
         if not override.strip().startswith("data."):
             raise ValueError(f"override {override!r}: eval scores the run's own model, so only "
                              "data.* settings may change (e.g. data.path=DIR)")
         apply_override(cfg, override)
+    if cfg["data"].get("name") != name:
+        raise ValueError(f"data.name is the run's task ({name!r}): eval cannot change it")
+    if data_overrides:
+        validate_run_config(cfg)  # a misspelled data key is an error, as in train
     cfg["data"] = _absolute_data_paths(cfg["data"])
     if not (run_dir / MODEL_DIR).is_dir() and (run_dir / "checkpoints").is_dir():
         raise FileNotFoundError(

@@ -576,4 +576,4 @@ def test_no_plot_removes_a_stale_plot(tmp_path, capsys):
                  "--warmup", "0", "--peak-size", "32", "--peak-repeats", "1", "--in-process",
                  "--no-plot", "--out", str(out), *TINY]) == 0
     assert not (out / "train.png").exists()
-    assert "removed the old train.png" in capsys.readouterr().err
+    assert "removed the old train.png: it showed an earlier run" in capsys.readouterr().err

@@ -268,3 +268,8 @@ def test_existing_files_are_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "basic_train.tsv").read_text() == first  # untouched
     again = generate_listops(tmp_path, seed=2, overwrite=True, **kw)["train"].read_text()
     assert again != first
+    # only this task's three files count: another task_name beside them is not in the way
+    generate_listops(tmp_path / "two", seed=3, task_name="basic_long", **kw)
+    generate_listops(tmp_path / "two", seed=3, **kw)
+    with pytest.raises(ValueError, match="n_train must be >= 0"):  # arguments first
+        generate_listops(tmp_path, seed=2, **{**kw, "n_train": -1})

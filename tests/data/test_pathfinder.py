@@ -276,3 +276,18 @@ def test_an_existing_data_set_is_refused_or_replaced_whole(tmp_path):
                         overwrite=True)
     assert len(list((tmp_path / "imgs").rglob("*.png"))) == 2  # no stale images left
     assert [p.name for p in (tmp_path / "metadata").iterdir()] == ["0.npy"]
+
+
+def test_an_interrupted_overwrite_leaves_the_old_data_set(tmp_path, monkeypatch):
+    import spadeformer.data.pathfinder as pf
+
+    generate_pathfinder(tmp_path, size=32, count=4, seed=1, images_per_batch=2, progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pf, "sample_pathfinder", fail)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pathfinder(tmp_path, size=32, count=2, seed=2, progress=False, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

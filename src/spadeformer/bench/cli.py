@@ -233,8 +233,10 @@ def _process_malloc() -> str:
     return "reuse freed memory" if reuse_freed_memory() else "system"
 
 
-def _setup(args: argparse.Namespace, models: list[str], length: int):
-    """Check the common flags and every model, then make the output folder."""
+def _setup(args: argparse.Namespace, models: list[str], length: int, kind: str):
+    """Check the common flags and every model, then make the output folder. An older
+    ``<kind>.png`` there goes first: it would not match the new CSV, whose rows are written
+    as they come (also when the run is interrupted or --no-plot)."""
     import torch
 
     from spadeformer.bench.machine import available_memory_mb
@@ -258,20 +260,19 @@ def _setup(args: argparse.Namespace, models: list[str], length: int):
         mem = 0.6 * avail if avail else 0.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stale = out / f"{kind}.png"
+    if stale.exists():
+        stale.unlink()
+        _say(f"removed the old {stale.name}: it showed an earlier run")
     _write_command(out, args)
     return shape, float(mem), out
 
 
 def _plot(kind: str, rows: list[dict[str, Any]], path: Path, title: str,
           enabled: bool = True) -> None:
-    """Draw the PNG; an older one in the folder goes first either way (it would not match
-    the new CSV)."""
+    """Draw the PNG (``_setup`` has removed an older one)."""
     from spadeformer.bench import plots
 
-    if path.exists():
-        path.unlink()
-        if not enabled:
-            _say(f"removed the old {path.name}: --no-plot, and it showed an earlier run")
     if not enabled:
         return
     try:
@@ -316,7 +317,7 @@ def bench_train(args: argparse.Namespace) -> int:
                              f"(optionally MODEL:FIELD=VALUE...), got {args.profile!r}")
         profile = (model, int(length))
     shape, mem, out = _setup(args, [*args.models, *([profile[0]] if profile else [])],
-                             min(args.lengths))
+                             min(args.lengths), "train")
     device = bm.resolve_device(args.device)
     machine = _machine()
     _say(f"bench train: {len(args.models)} models x {len(args.lengths)} lengths, "
@@ -380,7 +381,7 @@ def bench_generate(args: argparse.Namespace) -> int:
     gb.check_models(args.models, gb.GENERATE_MODELS)
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
-    shape, mem, out = _setup(args, args.models, min(args.contexts))
+    shape, mem, out = _setup(args, args.models, min(args.contexts), "generate")
     device = gb.resolve_device(args.device)
     machine = _machine()
     _say(f"bench generate: {args.models} at contexts {args.contexts}, shape {shape}, "

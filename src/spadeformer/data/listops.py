@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ from spadeformer.data.lra_common import (
     classification_item,
     require_file,
 )
+from spadeformer.fileio import atomic_write_all
 
 __all__ = [
     "OPERATORS",
@@ -253,16 +254,14 @@ def generate_listops(
         max_args: maximum number of arguments of an operator, at least 2 (release: 10).
         task_name: file prefix (release: ``basic``).
         progress: show a tqdm progress bar.
-        overwrite: replace existing ``<task_name>_*.tsv`` files (else they are refused, before
-            anything is generated: a run may be reading them).
+        overwrite: replace existing ``<task_name>_{train,val,test}.tsv`` (else they are
+            refused before anything is generated: a run may be reading them). The three files
+            are replaced together (:func:`spadeformer.fileio.atomic_write_all`): an
+            interruption leaves the old set whole.
 
     Returns:
         ``{"train": path, "val": path, "test": path}``.
     """
-    existing = sorted(str(p) for p in Path(out_dir).glob(f"{task_name}_*.tsv"))
-    if existing and not overwrite:
-        raise FileExistsError(f"{str(out_dir)!r} already holds ListOps files {existing}: pass "
-                              "overwrite=True (--overwrite) to replace them, or another folder")
     for name, v in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
@@ -275,6 +274,12 @@ def generate_listops(
         raise ValueError(f"max_depth must be >= 2 (depth 1 is the root), got {max_depth}")
     if max_args < 2:
         raise ValueError(f"max_args must be >= 2, got {max_args}")
+    out = Path(out_dir)
+    targets = {split: out / f"{task_name}_{split}.tsv" for split in ("train", "val", "test")}
+    existing = [str(p) for p in targets.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{str(out_dir)!r} already holds ListOps files {existing}: pass "
+                              "overwrite=True (--overwrite) to replace them, or another folder")
     total = n_train + n_val + n_test
     rng = random.Random(seed)
     seen: set[str] = set()
@@ -295,19 +300,20 @@ def generate_listops(
         bar.update(1)
     bar.close()
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val),
               "test": (n_train + n_val, total)}
-    paths: dict[str, Path] = {}
-    for split, (lo, hi) in bounds.items():
-        path = out / f"{task_name}_{split}.tsv"
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\t".join(HEADER) + "\n")
-            for text, value in rows[lo:hi]:
-                f.write(f"{text}\t{value}\n")
-        paths[split] = path
-    return paths
+
+    def writer(lo: int, hi: int) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write("\t".join(HEADER) + "\n")
+                for text, value in rows[lo:hi]:
+                    f.write(f"{text}\t{value}\n")
+        return write
+
+    atomic_write_all([(targets[split], writer(lo, hi)) for split, (lo, hi) in bounds.items()])
+    return targets
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, str, str]]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -562,18 +563,38 @@ def generate_pathfinder(
         raise ValueError(f"params.size={params.size} does not match size={size}")
     Image = import_pil()
     root = Path(out_dir)
-    old = [d for d in (root / "imgs", root / "metadata") if d.exists()]
+    old = [d for d in (root / "imgs", root / "metadata") if d.exists() or d.is_symlink()]
     if old and not overwrite:
         held = ", ".join(f"{d.name}/" for d in old)
         raise FileExistsError(f"{str(root)!r} already holds a data set ({held}): pass "
                               "overwrite=True (--overwrite) to replace it, or another folder")
-    for d in old:
-        shutil.rmtree(d)
+    root.mkdir(parents=True, exist_ok=True)
+    # written beside, then moved in: an interrupted run leaves the old set (or none) whole
+    work = Path(tempfile.mkdtemp(prefix=".pathfinder-incomplete-", dir=root))
+    try:
+        names = _write_images(work, params, seed, count, images_per_batch, Image, progress)
+        for d in old:
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d)
+            else:
+                d.unlink()
+        for sub in ("imgs", "metadata"):
+            os.replace(work / sub, root / sub)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta_paths = [root / "metadata" / name for name in names]
+    return {"root": root, "metadata": meta_paths, "count": count, "params": asdict(params)}
+
+
+def _write_images(root: Path, params: PathfinderParams, seed: int, count: int,
+                  images_per_batch: int, Image, progress: bool) -> list[str]:
+    """Draw ``count`` images into ``root/imgs/<batch>/`` with ``root/metadata/<batch>.npy``;
+    returns the metadata file names in order."""
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     labels = np.random.default_rng(seed).permutation(np.arange(count) % 2)  # exactly balanced
-    meta_paths: list[Path] = []
+    names: list[str] = []
     lines: list[str] = []
-    bar = tqdm(total=count, desc=f"Pathfinder{size}", unit="img", disable=not progress)
+    bar = tqdm(total=count, desc=f"Pathfinder{params.size}", unit="img", disable=not progress)
     for c0 in range(0, count, _CHUNK):
         chunk_labels = labels[c0 : c0 + _CHUNK]
         images, geoms = sample_pathfinder(
@@ -592,10 +613,10 @@ def generate_pathfinder(
                 f"{params.paddle_thickness} {geom['margin']} 1"
             )
             if i == images_per_batch - 1 or n == count - 1:
-                path = root / "metadata" / f"{b}.npy"
-                path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-                meta_paths.append(path)
+                (root / "metadata" / f"{b}.npy").write_text("\n".join(lines) + "\n",
+                                                           encoding="utf-8")
+                names.append(f"{b}.npy")
                 lines = []
         bar.update(len(images))
     bar.close()
-    return {"root": root, "metadata": meta_paths, "count": count, "params": asdict(params)}
+    return names

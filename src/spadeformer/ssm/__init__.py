@@ -51,7 +51,7 @@ def check_ssm_options(kind: str, options: dict[str, Any], name: str = "ssm_optio
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(
                 f"unknown {name} key {key!r} for ssm={kind!r}{hint}; valid keys: {valid} (a "
-                f"preset's options for another ssm: drop them, e.g. model.{name}=null)"
+                "preset's options for another ssm: drop them, e.g. model.ssm_options=null)"
             )
 
 
