@@ -61,5 +61,5 @@ def add_data_parser(sub) -> None:
                    help="number of images (~300 per second on a 2-core CPU)")
     q.add_argument("--seed", type=int, default=0, help="generator seed")
     q.add_argument("--overwrite", action="store_true",
-                   help="delete the imgs/ and metadata/ already in --out first (else refused)")
+                   help="replace the imgs/ and metadata/ already in --out (else refused)")
     q.set_defaults(handler=_pathfinder)

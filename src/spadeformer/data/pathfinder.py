@@ -547,8 +547,10 @@ def generate_pathfinder(
         images_per_batch: images per ``imgs/<batch>`` folder and ``metadata/<batch>.npy``.
         params: full geometry instead of the preset (its ``size`` must equal ``size``).
         progress: show a tqdm progress bar.
-        overwrite: delete an existing ``imgs/`` and ``metadata/`` first (else they are
-            refused: new files among old ones would mix two data sets).
+        overwrite: replace an existing ``imgs/`` and ``metadata/`` (else they are refused:
+            new files among old ones would mix two data sets). Either way the set is written
+            into a hidden folder of ``out_dir`` and moved in when complete, so an interrupted
+            run leaves the old set whole (an overwrite needs room for both meanwhile).
 
     Returns:
         ``{"root": Path, "metadata": [Path, ...], "count": int, "params": dict}``.
