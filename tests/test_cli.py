@@ -118,6 +118,9 @@ def test_relative_data_paths_are_saved_absolute(tmp_path, corpus_root, capsys, m
     assert json.loads(capsys.readouterr().out)["split"] == "val"
     assert main(["eval", "--run", str(run), "model.d_model=64"]) == 2
     assert "only data.* settings may change" in capsys.readouterr().err
+    assert main(["generate", "--run", str(run), "--prompt", "def", "--max-new-tokens", "3",
+                 "data.root=moved"]) == 0  # generate opens the run's data source too
+    assert capsys.readouterr().out.startswith("def")
     assert main(["eval", "--run", str(run), "data.rooot=moved"]) == 2
     assert "did you mean 'root'" in capsys.readouterr().err  # misspelled: named, not ignored
     assert main(["eval", "--run", str(run), "data.name=listops"]) == 2

@@ -327,15 +327,17 @@ def evaluate(run: str, split: str = "test", max_batches: int | None = None,
 # ----------------------------------------------------------------------------- generate
 def generate_text(run: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = None, top_p: float | None = 0.95, seed: int = 0,
-                  stream=None, echo_prompt: bool = False) -> str:
+                  stream=None, echo_prompt: bool = False,
+                  data_overrides: list[str] = ()) -> str:
     """Continue ``prompt`` byte by byte, writing each byte to ``stream`` as it is produced
-    (after the prompt itself with ``echo_prompt``, once the run and prompt are checked)."""
+    (after the prompt itself with ``echo_prompt``, once the run and prompt are checked).
+    ``data_overrides`` as in :func:`evaluate` (the run's data source is opened too)."""
     import torch
 
     from spadeformer.generation import check_decoding_length, check_generate_args, generate
 
     check_generate_args(max_new_tokens, temperature, top_k, top_p, seed)
-    _, source, model = _load_run(run)
+    _, source, model = _load_run(run, data_overrides)
     if source.task.model_class == "SpadeForConditionalGeneration":
         return _generate_target(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
                                 stream, echo_prompt, source.max_source_length)
@@ -476,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95,
                    help="nucleus: the smallest set of bytes with this much mass (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE",
+                   help="data settings over the run's, e.g. data.root=DIR for moved data")
 
     from spadeformer.bench.cli import add_bench_parser
     from spadeformer.data.cli import add_data_parser
@@ -510,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                              indent=2))
         elif args.command == "generate":
             generate_text(args.run, args.prompt, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, args.seed, stream=sys.stdout, echo_prompt=True)
+                          args.top_k, args.top_p, args.seed, stream=sys.stdout, echo_prompt=True,
+                          data_overrides=args.overrides)
         else:
             return args.handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as err:
