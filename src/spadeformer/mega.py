@@ -60,6 +60,7 @@ from spadeformer.attention import (
     cache_slots,
     empty_cache,
 )
+from spadeformer.config import MEGA_POSITIONS  # the reference's rel_pos_bias choices
 from spadeformer.layers import (
     BATCH_NORMS,
     NORM_TYPES,
@@ -82,10 +83,9 @@ from spadeformer.ssm.base import (
     mark_no_weight_decay,
 )
 
-__all__ = ["MEGA_BIASES", "MegaLayer", "bias_reach"]
+__all__ = ["MegaLayer", "bias_reach"]
 
 _INIT_STD = 0.02  # the reference code's weight initialisation
-MEGA_BIASES = ("simple", "rotary")  # the reference's rel_pos_bias choices
 
 
 def bias_reach(pattern: str, window_size: int | None, chunk_size: int | None,
@@ -165,8 +165,8 @@ class MegaLayer(nn.Module):
                              f"{type(ema).__name__}(d_model={getattr(ema, 'd_model', None)})")
         if isinstance(relative_bias, bool):  # the older on / off switch
             relative_bias = "simple" if relative_bias else None
-        if relative_bias is not None and relative_bias not in MEGA_BIASES:
-            raise ValueError(f"relative_bias must be one of {list(MEGA_BIASES)} or None, got "
+        if relative_bias is not None and relative_bias not in MEGA_POSITIONS:
+            raise ValueError(f"relative_bias must be one of {list(MEGA_POSITIONS)} or None, got "
                              f"{relative_bias!r}")
         if relative_bias == "rotary" and z_dim % 2:
             raise ValueError(f"relative_bias='rotary' turns pairs of Z's coordinates: z_dim must "

@@ -247,15 +247,14 @@ def attention_ref(
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]  # (B, 1, L, L)
     fn = _as_bias_fn(bias, L, H)
+    pos = torch.arange(L, device=q.device)
+    b = None if fn is None else _call_bias(fn, pos, pos, q)
+    qk = torch.einsum("bhid,bhjd->bhij", q, k)
     if attention_fn != "softmax":
-        pos = torch.arange(L, device=q.device)
-        b = None if fn is None else _call_bias(fn, pos, pos, q)
-        qk = torch.einsum("bhid,bhjd->bhij", q, k)
         return element_attend(qk, v, allowed, b, attention_fn, dropout_p)
-    scores = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(d)
-    if fn is not None:
-        pos = torch.arange(L, device=q.device)
-        scores = scores + _call_bias(fn, pos, pos, q).to(scores.dtype)
+    scores = qk / math.sqrt(d)
+    if b is not None:
+        scores = scores + b.to(scores.dtype)
     scores = scores.masked_fill(~allowed, float("-inf"))
     has_key = allowed.any(-1, keepdim=True)  # rows with no allowed key output zeros
     probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
@@ -353,11 +352,11 @@ def _blocked_attention(
         valid = rearrange(valid, "b n j -> (b n) 1 1 j")
         allowed = valid if allowed is None else allowed & valid
 
+    b = None
+    if fn is not None:
+        q5 = rearrange(qb, "(b n) h i d -> b h n i d", b=B)
+        b = _block_bias(fn, qb_5d=q5, block=block, nb=nb, left=left, kb=kb)
     if not softmax:  # no NaN risk: an empty row gets zero weights
-        b = None
-        if fn is not None:
-            q5 = rearrange(qb, "(b n) h i d -> b h n i d", b=B)
-            b = _block_bias(fn, qb_5d=q5, block=block, nb=nb, left=left, kb=kb)
         out = element_attend(qb @ kbk.transpose(-1, -2), vbk, allowed, b, attention_fn,
                              dropout_p)
         return rearrange(out, "(b n) h i d -> b h (n i) d", b=B)[:, :, :L]
@@ -372,9 +371,8 @@ def _blocked_attention(
         allowed = allowed | empty
 
     mask = allowed
-    if fn is not None:
-        q5 = rearrange(qb, "(b n) h i d -> b h n i d", b=B)
-        mask = _block_bias(fn, qb_5d=q5, block=block, nb=nb, left=left, kb=kb).to(q.dtype)
+    if b is not None:
+        mask = b.to(q.dtype)
         if allowed is not None:
             neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=dev)
             mask = torch.where(allowed, mask, neg_inf)

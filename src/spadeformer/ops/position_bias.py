@@ -244,7 +244,8 @@ class RotaryRelativeBias(nn.Module):
     forward(q_pos (..., Lq), k_pos (..., Lk)) -> (1, ..., Lq, Lk), in fp32 (fp64 when the
     parameters are fp64), autocast or not. The angles and turns are computed in fp64 (only
     (Lq + Lk) x dim numbers), so far positions lose nothing: fp32 angles of position 60k
-    would be off by ~4e-3 rad.
+    would be off by ~4e-3 rad, and with fp64 ones R_q alpha . R_k beta equals
+    alpha^T R_{k - q} beta at any position.
     """
 
     translation_invariant = True
@@ -264,28 +265,28 @@ class RotaryRelativeBias(nn.Module):
         self.alpha = nn.Parameter(torch.randn(dim) * init_std)
         self.beta = nn.Parameter(torch.randn(dim) * init_std)
 
-    def _turn(self, vector: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """vector (dim,) turned to each position: pos (..., L) -> (..., L, dim) in ``dtype``,
-        computed in fp64."""
-        half = self.dim // 2
-        theta = torch.arange(half, device=vector.device, dtype=torch.float64)
-        theta = torch.exp(theta * (-math.log(self.base) / half))
-        angle = pos.to(device=vector.device, dtype=torch.float64).unsqueeze(-1) * theta
+    @staticmethod
+    def _turn(vector: torch.Tensor, angle: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """vector (dim,) turned by the angles (..., L, dim/2), both fp64 -> (..., L, dim) in
+        ``dtype``."""
         cos, sin = angle.cos(), angle.sin()
         x1, x2 = vector.double().chunk(2)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """q_pos (..., Lq), k_pos (..., Lk) int -> bias (1, ..., Lq, Lk)."""
-        # The bias only sees k - q: moving both positions by the first query's keeps the
-        # angles as small as the offsets
-        if q_pos.shape[-1] > 0:
-            origin = q_pos[..., :1]
-            q_pos, k_pos = q_pos - origin, k_pos - origin
+        half = self.dim // 2
+        dev = self.alpha.device
+        theta = torch.exp(torch.arange(half, device=dev, dtype=torch.float64)
+                          * (-math.log(self.base) / half))
+
+        def angles(pos: torch.Tensor) -> torch.Tensor:
+            return pos.to(device=dev, dtype=torch.float64).unsqueeze(-1) * theta
+
         dtype = torch.promote_types(self.alpha.dtype, torch.float32)
-        with torch.autocast(self.alpha.device.type, enabled=False):
-            a = self._turn(self.alpha, q_pos, dtype)
-            b = self._turn(self.beta, k_pos, dtype)
+        with torch.autocast(dev.type, enabled=False):
+            a = self._turn(self.alpha, angles(q_pos), dtype)
+            b = self._turn(self.beta, angles(k_pos), dtype)
             return torch.matmul(a, b.transpose(-1, -2)).unsqueeze(0)
 
     def extra_repr(self) -> str:
